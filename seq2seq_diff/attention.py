@@ -1,0 +1,228 @@
+"""Differential attention (DIFF Transformer, arXiv 2410.05258) and its standard twin.
+
+Shape legend:
+    B batch, T query length, S key/value length, E d_model,
+    H differential heads, D head_dim = E // H // 2 (the standard twin uses 2H heads of D).
+
+Mask convention (one, everywhere): boolean, True = may attend, broadcastable to (B, 1, T, S), the
+convention of ``F.scaled_dot_product_attention``. A causal mask over a cache is aligned
+bottom-right: query t of T new positions sees the S - T cached positions and new positions <= t.
+
+Both modules share projections, rotary embedding and KV-cache handling (``_Attention``) and differ
+only in how they attend, so the A/B comparison changes exactly one thing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def lambda_init_fn(layer_index: int) -> float:
+    """λ_init = 0.8 − 0.6·exp(−0.3·l), l counted from 0 within a stack (DIFF Transformer §2.1)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoFormer), interleaved pairs as in the official DIFF code.
+
+    Holds no parameters and no length cap: the cos/sin table grows on demand, so a long document
+    is never limited by a learned position table.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary dimension must be even, got {dim}")
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cos: Tensor | None = None
+        self._sin: Tensor | None = None
+
+    def _table(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
+            size = max(length, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+            t = torch.arange(size, dtype=torch.float64, device=device)
+            freqs = torch.outer(t, self.inv_freq.to(device))  # (L, D/2)
+            self._cos, self._sin = freqs.cos(), freqs.sin()
+        return self._cos, self._sin
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """Rotate ``x`` (B, heads, L, D) as positions ``offset .. offset+L-1``."""
+        length = x.shape[-2]
+        cos, sin = self._table(offset + length, x.device)
+        cos = cos[offset : offset + length].to(x.dtype)  # (L, D/2)
+        sin = sin[offset : offset + length].to(x.dtype)
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, heads, L, D/2) each
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention for incremental decoding.
+
+    ``k`` is (B, 2H, L, D); ``v`` is (B, H, L, 2D) for differential and (B, 2H, L, D) for standard
+    attention. Self-attention appends one step at a time; cross-attention (``static``) computes its
+    keys and values once per source and reuses them.
+    """
+
+    k: Tensor | None = None
+    v: Tensor | None = None
+    static: bool = False
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B',) in that order: beam reordering or dropping rows."""
+        if self.k is not None:
+            self.k = self.k.index_select(0, index)
+            self.v = self.v.index_select(0, index)
+
+
+def causal_mask(query_len: int, key_len: int, device: torch.device | None = None) -> Tensor:
+    """(T, S) boolean causal mask aligned bottom-right (the last query sees every key)."""
+    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)
+
+
+class _Attention(nn.Module):
+    """Projections, rotary embedding and KV cache shared by both attention kinds."""
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        if d_model % (2 * num_heads):
+            raise ValueError(
+                f"d_model ({d_model}) must be divisible by 2*num_heads ({2 * num_heads})"
+            )
+        self.d_model = d_model
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads // 2
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def _split_v(self, v: Tensor) -> Tensor:
+        """(B, S, E) -> the value layout of this attention kind."""
+        raise NotImplementedError
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """(B, 2H, T, D), (B, 2H, S, D), values -> (B, T, E) before ``out_proj``."""
+        raise NotImplementedError
+
+    def _keys_values(self, source: Tensor, rotary: RotaryEmbedding | None, offset: int):
+        b, s, _ = source.shape
+        k = self.k_proj(source).view(b, s, 2 * self.num_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            k = rotary(k, offset)  # (B, 2H, S, D)
+        return k, self._split_v(self.v_proj(source))
+
+    def forward(
+        self,
+        x: Tensor,
+        source: Tensor | None = None,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        rotary: RotaryEmbedding | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Attend from ``x`` (B, T, E) to ``source`` (B, S, E), or to ``x`` itself if None.
+
+        Args:
+            x: queries (B, T, E).
+            source: keys/values for cross-attention (B, S, E); None for self-attention.
+            mask: boolean (True = may attend), broadcastable to (B, 1, T, S).
+            causal: causal self-attention (aligned bottom-right over the cache).
+            rotary: rotary embedding for Q and K; self-attention only.
+            cache: a ``KVCache`` updated in place for incremental decoding.
+        """
+        b, t, _ = x.shape
+        if source is not None and rotary is not None:
+            raise ValueError("rotary embedding applies to self-attention only")
+        offset = len(cache) if cache is not None and not cache.static else 0
+        q = self.q_proj(x).view(b, t, 2 * self.num_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q = rotary(q, offset)  # (B, 2H, T, D)
+        if cache is not None and cache.static and cache.k is not None:
+            k, v = cache.k, cache.v
+        else:
+            k, v = self._keys_values(x if source is None else source, rotary, offset)
+            if cache is not None:
+                if not cache.static and cache.k is not None:
+                    k = torch.cat([cache.k, k], dim=2)  # (B, 2H, offset+T, D)
+                    v = torch.cat([cache.v, v], dim=2)
+                cache.k, cache.v = k, v
+        if causal and offset > 0:
+            causal = False
+            if t > 1:  # one new step sees everything cached; several need a bottom-right mask
+                step_mask = causal_mask(t, k.shape[2], x.device)
+                mask = step_mask if mask is None else mask & step_mask
+        elif causal and mask is not None:
+            causal = False
+            mask = mask & causal_mask(t, k.shape[2], x.device)
+        return self.out_proj(self._attend(q, k, v, mask, causal))
+
+
+class MultiheadDiffAttention(_Attention):
+    """Differential multi-head attention; parameter names match the official ``MultiheadDiffAttn``.
+
+    A = softmax(Q1K1ᵀ/√D) − λ·softmax(Q2K2ᵀ/√D), O = A·V, per-head RMSNorm (``subln``), scaled by
+    (1 − λ_init). Heads 2h and 2h+1 of the Q/K projections are (Q1, K1) and (Q2, K2) of head h.
+    """
+
+    def __init__(self, d_model: int, num_heads: int, layer_index: int, dropout: float = 0.0):
+        super().__init__(d_model, num_heads, dropout)
+        self.lambda_init = lambda_init_fn(layer_index)
+        d = self.head_dim
+        self.lambda_q1 = nn.Parameter(torch.zeros(d, dtype=torch.float32).normal_(0, 0.1))
+        self.lambda_k1 = nn.Parameter(torch.zeros(d, dtype=torch.float32).normal_(0, 0.1))
+        self.lambda_q2 = nn.Parameter(torch.zeros(d, dtype=torch.float32).normal_(0, 0.1))
+        self.lambda_k2 = nn.Parameter(torch.zeros(d, dtype=torch.float32).normal_(0, 0.1))
+        self.subln = nn.RMSNorm(2 * d, eps=1e-5, elementwise_affine=True)
+
+    def lambda_full(self) -> Tensor:
+        """The scalar λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, in float32."""
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1).float())
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2).float())
+        return lambda_1 - lambda_2 + self.lambda_init
+
+    def _split_v(self, v: Tensor) -> Tensor:
+        b, s, _ = v.shape
+        return v.view(b, s, self.num_heads, 2 * self.head_dim).transpose(1, 2)  # (B, H, S, 2D)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        b, _, t, d = q.shape
+        q = q.view(b, self.num_heads, 2, t, d)  # (B, H, 2, T, D): pair (Q1, Q2) of head h
+        k = k.view(b, self.num_heads, 2, -1, d)  # (B, H, 2, S, D)
+        p = self.dropout if self.training else 0.0
+        # A·V is linear in A, so (A1 − λA2)·V = A1·V − λ·A2·V: two fused SDPA calls.
+        o1 = F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v, mask, p, is_causal=causal)
+        o2 = F.scaled_dot_product_attention(q[:, :, 1], k[:, :, 1], v, mask, p, is_causal=causal)
+        o = o1 - self.lambda_full().to(o1.dtype) * o2  # (B, H, T, 2D)
+        o = self.subln(o) * (1.0 - self.lambda_init)
+        return o.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, E)
+
+
+class MultiheadAttention(_Attention):
+    """Standard multi-head attention, the baseline twin: 2H heads of D, same projections."""
+
+    def __init__(self, d_model: int, num_heads: int, layer_index: int = 0, dropout: float = 0.0):
+        super().__init__(d_model, num_heads, dropout)
+
+    def _split_v(self, v: Tensor) -> Tensor:
+        b, s, _ = v.shape
+        return v.view(b, s, 2 * self.num_heads, self.head_dim).transpose(1, 2)  # (B, 2H, S, D)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        b, _, t, _ = q.shape
+        p = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal=causal)  # (B, 2H, T, D)
+        return o.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, E)
+
+
+ATTENTION_KINDS = {"diff": MultiheadDiffAttention, "standard": MultiheadAttention}

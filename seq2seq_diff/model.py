@@ -1,0 +1,211 @@
+"""The encoder-decoder: typed config, tied embeddings, encoder and decoder stacks, KV cache.
+
+Shapes: B batch, S source length, T target length, E d_model, V vocabulary.
+Token conventions: ``src`` = pieces + [eos]; ``tgt_in`` = [bos] + pieces; right-padded with pad.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from seq2seq_diff.attention import ATTENTION_KINDS, KVCache, RotaryEmbedding
+from seq2seq_diff.errors import ConfigError
+from seq2seq_diff.layers import DecoderLayer, EncoderLayer
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a ``Seq2SeqTransformer``.
+
+    Attributes:
+        vocab_size: joint source/target SentencePiece vocabulary size.
+        d_model: model width E.
+        num_heads: differential heads H; the standard twin uses 2H heads, so both kinds share
+            head_dim = d_model // num_heads // 2 and (almost) every parameter.
+        num_encoder_layers: encoder depth.
+        num_decoder_layers: decoder depth.
+        ffn_dim: hidden size of the SwiGLU feed-forward (≈ 2/3 of a ReLU FFN's for equal size).
+        dropout: residual, embedding and feed-forward dropout.
+        attention_dropout: dropout on attention probabilities.
+        attention: "diff" (differential) or "standard".
+        rotary: rotary position embedding in self-attention; False uses sinusoidal absolute
+            positions. Neither caps the length.
+        rope_base: rotary frequency base.
+        tie_embeddings: share source/target embeddings with the output projection.
+        norm_eps: RMSNorm epsilon.
+        pad_id: padding id (never attended to, ignored by the loss).
+        unk_id: unknown-piece id.
+        bos_id: beginning-of-sentence id, the first decoder input.
+        eos_id: end-of-sentence id, closing source and target.
+    """
+
+    vocab_size: int = 8000
+    d_model: int = 256
+    num_heads: int = 4
+    num_encoder_layers: int = 3
+    num_decoder_layers: int = 3
+    ffn_dim: int = 768
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    attention: str = "diff"
+    rotary: bool = True
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    pad_id: int = 0
+    unk_id: int = 1
+    bos_id: int = 2
+    eos_id: int = 3
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"model config: {message}")
+
+        check(self.attention in ATTENTION_KINDS, f"attention must be one of "
+              f"{sorted(ATTENTION_KINDS)}, got {self.attention!r}")
+        for name in ("vocab_size", "d_model", "num_heads", "num_encoder_layers",
+                     "num_decoder_layers", "ffn_dim"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value > 0, f"{name} must be a positive integer, "
+                  f"got {value!r}")
+        check(self.d_model % (2 * self.num_heads) == 0,
+              f"d_model ({self.d_model}) must be divisible by 2*num_heads ({2 * self.num_heads}): "
+              "each differential head splits into two halves of head_dim")
+        head_dim = self.d_model // self.num_heads // 2
+        check(not self.rotary or head_dim % 2 == 0,
+              f"rotary embedding needs an even head_dim, got {head_dim}")
+        check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        check(0.0 <= self.attention_dropout < 1.0,
+              f"attention_dropout must be in [0, 1), got {self.attention_dropout}")
+        ids = {"pad_id": self.pad_id, "unk_id": self.unk_id, "bos_id": self.bos_id,
+               "eos_id": self.eos_id}
+        for name, value in ids.items():
+            check(0 <= value < self.vocab_size, f"{name} ({value}) must be in [0, vocab_size)")
+        check(len(set(ids.values())) == len(ids), f"special token ids must differ, got {ids}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads // 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"model config: unknown key(s) {unknown}; known keys: {sorted(known)}"
+            )
+        return cls(**values)
+
+
+class DecoderCache:
+    """Per-layer self- and cross-attention KV caches for incremental decoding."""
+
+    def __init__(self, num_layers: int):
+        self.self_attn = [KVCache() for _ in range(num_layers)]
+        self.cross_attn = [KVCache(static=True) for _ in range(num_layers)]
+
+    def __len__(self) -> int:
+        """Number of target positions already decoded."""
+        return len(self.self_attn[0])
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (B',) in that order, in every layer."""
+        for cache in (*self.self_attn, *self.cross_attn):
+            cache.reorder(index)
+
+
+def sinusoidal_positions(length: int, dim: int, offset: int = 0, device=None) -> Tensor:
+    """Fixed sinusoidal position encodings (Vaswani et al. 2017), (length, dim)."""
+    position = torch.arange(offset, offset + length, dtype=torch.float32, device=device)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=device)
+                     * (-math.log(10000.0) / dim))
+    angles = torch.outer(position, freq)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Seq2SeqTransformer(nn.Module):
+    """Encoder-decoder Transformer; every attention is ``config.attention`` (diff or standard)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
+        self.embed_scale = math.sqrt(c.d_model)
+        self.embed_dropout = nn.Dropout(c.dropout)
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_base) if c.rotary else None
+        layer_args = dict(d_model=c.d_model, num_heads=c.num_heads, ffn_dim=c.ffn_dim,
+                          attention=c.attention, dropout=c.dropout,
+                          attention_dropout=c.attention_dropout, norm_eps=c.norm_eps)
+        self.encoder_layers = nn.ModuleList(
+            EncoderLayer(layer_index=i, **layer_args) for i in range(c.num_encoder_layers))
+        self.decoder_layers = nn.ModuleList(
+            DecoderLayer(layer_index=i, **layer_args) for i in range(c.num_decoder_layers))
+        self.encoder_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.decoder_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.output_proj = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # fairseq's Transformer init: N(0, E^-1/2) embeddings (scaled by √E on use), Xavier
+        # projections; λ vectors and norms keep their own init.
+        nn.init.normal_(self.embed.weight, mean=0.0, std=self.config.d_model**-0.5)
+        with torch.no_grad():
+            self.embed.weight[self.config.pad_id].zero_()
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and not name.startswith("embed"):
+                nn.init.xavier_uniform_(p)
+
+    def _embed(self, tokens: Tensor, offset: int = 0) -> Tensor:
+        x = self.embed(tokens) * self.embed_scale  # (B, L, E)
+        if self.rotary is None:
+            x = x + sinusoidal_positions(tokens.shape[1], x.shape[-1], offset, x.device).to(x.dtype)
+        return self.embed_dropout(x)
+
+    def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
+        """src (B, S) ids, src_mask (B, S) True = real token -> memory (B, S, E)."""
+        mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        x = self._embed(src)
+        for layer in self.encoder_layers:
+            x = layer(x, mask, self.rotary)
+        return self.encoder_norm(x)
+
+    def new_cache(self) -> DecoderCache:
+        """An empty cache for ``decode(..., cache=...)``, one step at a time."""
+        return DecoderCache(len(self.decoder_layers))
+
+    def decode(
+        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, cache: DecoderCache | None = None
+    ) -> Tensor:
+        """Decoder logits (B, T, V) for ``tgt_in`` (B, T).
+
+        Without a cache, ``tgt_in`` is the whole prefix (teacher forcing). With one, ``tgt_in``
+        holds only the new positions; earlier ones come from the cache, which is extended.
+        """
+        offset = 0 if cache is None else len(cache)
+        mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        x = self._embed(tgt_in, offset)
+        for i, layer in enumerate(self.decoder_layers):
+            self_cache = None if cache is None else cache.self_attn[i]
+            cross_cache = None if cache is None else cache.cross_attn[i]
+            x = layer(x, memory, mask, self.rotary, self_cache, cross_cache)
+        x = self.decoder_norm(x)
+        weight = self.embed.weight if self.output_proj is None else self.output_proj.weight
+        return x @ weight.t()  # (B, T, V)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced logits (B, T, V); padding found from ``config.pad_id``."""
+        src_mask = src != self.config.pad_id
+        return self.decode(tgt_in, self.encode(src, src_mask), src_mask)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
