@@ -186,9 +186,12 @@ class MultiheadDiffAttention(_Attention):
         self.subln = nn.RMSNorm(2 * d, eps=1e-5, elementwise_affine=True)
 
     def lambda_full(self) -> Tensor:
-        """The scalar λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, in float32."""
-        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1).float())
-        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2).float())
+        """The scalar λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, in the parameters' dtype.
+
+        The λ vectors stay float32 under autocast, so λ is never computed in bf16.
+        """
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1))
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2))
         return lambda_1 - lambda_2 + self.lambda_init
 
     def _split_v(self, v: Tensor) -> Tensor:
