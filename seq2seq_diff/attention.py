@@ -173,7 +173,13 @@ class MultiheadDiffAttention(_Attention):
 
     A = softmax(Q1K1ᵀ/√D) − λ·softmax(Q2K2ᵀ/√D), O = A·V, per-head RMSNorm (``subln``), scaled by
     (1 − λ_init). Heads 2h and 2h+1 of the Q/K projections are (Q1, K1) and (Q2, K2) of head h.
+
+    Two kernels, chosen by size: up to ``max_explicit_scores`` query×key pairs the maps are
+    materialised and subtracted before A·V (cheapest in FLOPs); beyond it, fused SDPA keeps memory
+    linear in length. Both compute the same function (tests check each against the formula).
     """
+
+    max_explicit_scores: int = 256 * 256
 
     def __init__(self, d_model: int, num_heads: int, layer_index: int, dropout: float = 0.0):
         super().__init__(d_model, num_heads, dropout)
@@ -199,16 +205,52 @@ class MultiheadDiffAttention(_Attention):
         return v.view(b, s, self.num_heads, 2 * self.head_dim).transpose(1, 2)  # (B, H, S, 2D)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
-        b, _, t, d = q.shape
-        q = q.view(b, self.num_heads, 2, t, d)  # (B, H, 2, T, D): pair (Q1, Q2) of head h
-        k = k.view(b, self.num_heads, 2, -1, d)  # (B, H, 2, S, D)
-        p = self.dropout if self.training else 0.0
-        # A·V is linear in A, so (A1 − λA2)·V = A1·V − λ·A2·V: two fused SDPA calls.
-        o1 = F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v, mask, p, is_causal=causal)
-        o2 = F.scaled_dot_product_attention(q[:, :, 1], k[:, :, 1], v, mask, p, is_causal=causal)
-        o = o1 - self.lambda_full().to(o1.dtype) * o2  # (B, H, T, 2D)
+        b, _, t, _ = q.shape
+        lam = self.lambda_full()
+        if t * k.shape[2] <= self.max_explicit_scores:
+            o = self._attend_explicit(q, k, v, mask, causal, lam)
+        else:
+            o = self._attend_fused(q, k, v, mask, causal, lam)  # (B, H, T, 2D)
         o = self.subln(o) * (1.0 - self.lambda_init)
         return o.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, E)
+
+    def _attend_explicit(self, q, k, v, mask, causal, lam):
+        """Materialise both maps and subtract them before A·V: the FLOPs of standard attention.
+
+        (A1 − λA2)·V costs one (T×S)·(S×2D) product per head, as much as standard attention's
+        two (T×S)·(S×D) products; computing A1·V − λA2·V would cost twice that.
+        """
+        b, _, t, d = q.shape
+        scores = (q * d**-0.5) @ k.transpose(-1, -2)  # (B, 2H, T, S)
+        if causal:
+            step_mask = causal_mask(t, k.shape[2], q.device)
+            mask = step_mask if mask is None else mask & step_mask
+        if mask is not None:  # a finite floor: fully masked (padding) rows stay finite
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # softmax in at least float32 (bf16 scores under autocast), never below the input's dtype
+        probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        probs = probs.to(v.dtype)
+        if self.training and self.dropout > 0:
+            probs = F.dropout(probs, self.dropout)
+        probs = probs.unflatten(1, (self.num_heads, 2))  # (B, H, 2, T, S)
+        return (probs[:, :, 0] - lam.to(v.dtype) * probs[:, :, 1]) @ v  # (B, H, T, 2D)
+
+    def _attend_fused(self, q, k, v, mask, causal, lam):
+        """Fused SDPA with memory linear in length, for long sequences.
+
+        SDPA's fused CPU/GPU kernels need equal q/k/v head dims, so Q and K are zero-padded to
+        2D (their dot products are unchanged; the scale stays 1/√D), and A1·V − λA2·V is
+        computed as two calls (A·V is linear in A).
+        """
+        b, _, t, d = q.shape
+        q = F.pad(q, (0, d)).view(b, self.num_heads, 2, t, 2 * d)  # (B, H, 2, T, 2D)
+        k = F.pad(k, (0, d)).view(b, self.num_heads, 2, -1, 2 * d)  # (B, H, 2, S, 2D)
+        p = self.dropout if self.training else 0.0
+        o1 = F.scaled_dot_product_attention(
+            q[:, :, 0], k[:, :, 0], v, mask, p, is_causal=causal, scale=d**-0.5)
+        o2 = F.scaled_dot_product_attention(
+            q[:, :, 1], k[:, :, 1], v, mask, p, is_causal=causal, scale=d**-0.5)
+        return o1 - lam.to(o1.dtype) * o2  # (B, H, T, 2D)
 
 
 class MultiheadAttention(_Attention):

@@ -85,19 +85,23 @@ def reference_standard(attn, x, source, mask, use_rotary):
 
 
 def make(kind, layer_index=0):
-    cls = MultiheadDiffAttention if kind == "diff" else MultiheadAttention
+    """kind: "diff" (explicit maps), "diff-fused" (fused SDPA kernel) or "standard"."""
+    cls = MultiheadAttention if kind == "standard" else MultiheadDiffAttention
     attn = cls(E, H, layer_index).double().eval()
-    if kind == "diff":  # random λ vectors far from init, and a non-trivial subln weight
+    if kind == "diff-fused":
+        attn.max_explicit_scores = 0
+    if kind != "standard":  # random λ vectors far from init, and a non-trivial subln weight
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             getattr(attn, name).data.normal_(0, 0.5)
         attn.subln.weight.data.uniform_(0.5, 1.5)
     return attn
 
 
-REFERENCES = {"diff": reference_diff, "standard": reference_standard}
+REFERENCES = {"diff": reference_diff, "diff-fused": reference_diff, "standard": reference_standard}
+KINDS = list(REFERENCES)
 
 
-@pytest.mark.parametrize("kind", ["diff", "standard"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layer_index", [0, 1, 5])
 def test_bidirectional_self_attention_with_padding(kind, layer_index):
     attn = make(kind, layer_index)
@@ -109,7 +113,7 @@ def test_bidirectional_self_attention_with_padding(kind, layer_index):
     assert rel_err(out, ref) < 1e-10
 
 
-@pytest.mark.parametrize("kind", ["diff", "standard"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layer_index", [0, 3])
 def test_causal_self_attention(kind, layer_index):
     attn = make(kind, layer_index)
@@ -119,7 +123,7 @@ def test_causal_self_attention(kind, layer_index):
     assert rel_err(out, ref) < 1e-10
 
 
-@pytest.mark.parametrize("kind", ["diff", "standard"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_cross_attention_with_source_padding(kind):
     attn = make(kind, 2)
     x = torch.randn(3, 5, E, dtype=torch.float64)
@@ -136,7 +140,7 @@ def test_rotary_is_refused_in_cross_attention():
         attn(torch.randn(1, 2, E), source=torch.randn(1, 3, E), rotary=RotaryEmbedding(8))
 
 
-@pytest.mark.parametrize("kind", ["diff", "standard"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_cached_causal_self_attention_equals_full(kind):
     attn = make(kind, 1)
     rotary = RotaryEmbedding(attn.head_dim)
@@ -150,7 +154,7 @@ def test_cached_causal_self_attention_equals_full(kind):
     assert rel_err(torch.cat(parts, 1), full) < 1e-12
 
 
-@pytest.mark.parametrize("kind", ["diff", "standard"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_cross_attention_cache_computes_keys_once(kind):
     attn = make(kind)
     memory = torch.randn(2, 6, E, dtype=torch.float64)
@@ -164,7 +168,7 @@ def test_cross_attention_cache_computes_keys_once(kind):
     assert cache.k is keys  # reused, not recomputed
 
 
-@pytest.mark.parametrize("kind", ["diff", "standard"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_fully_masked_rows_give_no_nan(kind):
     attn = make(kind).float()
     x = torch.randn(2, 5, E, requires_grad=True)
@@ -175,7 +179,7 @@ def test_fully_masked_rows_give_no_nan(kind):
     assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
 
 
-@pytest.mark.parametrize("kind", ["diff", "standard"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_long_sequence_and_bf16_autocast_are_finite(kind):
     attn = make(kind).float()
     x = torch.randn(1, 4096, E)

@@ -1,0 +1,123 @@
+"""Differential vs standard attention: forward+backward time and peak memory, side by side.
+
+Both modules run interleaved in one process at equal d_model (DIFF: H heads; standard: 2H heads of
+the same head_dim), medians over --repeats runs after warm-up; the ratio DIFF/standard is what to
+read (this machine is noisy, absolute times are not). Peak memory is measured per configuration in
+a fresh child process (peak RSS growth over the inputs) so one run cannot inflate another's.
+
+    python benchmarks/attention.py                       # d_model 512, batch 8, T=S in 128 512 2048
+    python benchmarks/attention.py --lengths 128 --repeats 3 --no-memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from seq2seq_diff.attention import MultiheadAttention, MultiheadDiffAttention, RotaryEmbedding
+
+KINDS = {"diff": MultiheadDiffAttention, "standard": MultiheadAttention}
+
+
+def build(kind: str, d_model: int, num_heads: int, batch: int, length: int, causal: bool):
+    torch.manual_seed(0)
+    module = KINDS[kind](d_model, num_heads, layer_index=1)
+    x = torch.randn(batch, length, d_model, requires_grad=True)
+    rotary = RotaryEmbedding(d_model // num_heads // 2)
+    # Bidirectional self-attention with ~10% key padding, or causal self-attention.
+    mask = None
+    if not causal:
+        lengths = torch.linspace(length, int(0.8 * length), batch).long()
+        mask = (torch.arange(length)[None, :] < lengths[:, None])[:, None, None, :]
+    return module, x, rotary, mask
+
+
+def step(module, x, rotary, mask, causal: bool) -> None:
+    out = module(x, mask=mask, causal=causal, rotary=rotary)
+    out.float().pow(2).mean().backward()
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+
+
+def time_pair(args, length: int) -> dict[str, float]:
+    setups = {k: build(k, args.d_model, args.num_heads, args.batch, length, args.causal)
+              for k in KINDS}
+    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    for i in range(args.warmup + args.repeats):
+        for kind, (module, x, rotary, mask) in setups.items():  # interleaved
+            start = time.perf_counter()
+            step(module, x, rotary, mask, args.causal)
+            if i >= args.warmup:
+                times[kind].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def child(args) -> None:
+    module, x, rotary, mask = build(args.kind, args.d_model, args.num_heads, args.batch,
+                                    args.length, args.causal)
+    step(module, x, rotary, mask, args.causal)  # first call allocates workspaces
+    before = rss_kib("VmRSS:")
+    step(module, x, rotary, mask, args.causal)
+    print(json.dumps({"peak_mib": (rss_kib("VmHWM:") - before) / 1024}))
+
+
+def peak_memory(args, kind: str, length: int) -> float:
+    cmd = [sys.executable, __file__, "--child", kind, "--length", str(length),
+           "--d-model", str(args.d_model), "--num-heads", str(args.num_heads),
+           "--batch", str(args.batch), "--threads", str(args.threads)]
+    if args.causal:
+        cmd.append("--causal")
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--num-heads", type=int, default=8, help="differential heads")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--causal", action="store_true", help="causal instead of padded self-attn")
+    parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--child", choices=list(KINDS), dest="kind", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.kind:
+        child(args)
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads, d_model {args.d_model}, "
+          f"{args.num_heads} diff heads vs {2 * args.num_heads} standard, batch {args.batch}, "
+          f"{'causal' if args.causal else 'padded bidirectional'} self-attention, fwd+bwd, "
+          f"median of {args.repeats}")
+    print(f"{'T=S':>6} {'diff ms':>9} {'std ms':>9} {'ratio':>6} "
+          f"{'diff MiB':>9} {'std MiB':>9} {'ratio':>6}")
+    for length in args.lengths:
+        t = time_pair(args, length)
+        row = f"{length:>6} {1e3 * t['diff']:>9.1f} {1e3 * t['standard']:>9.1f} " \
+              f"{t['diff'] / t['standard']:>6.2f}"
+        if args.memory:
+            m = {k: peak_memory(args, k, length) for k in KINDS}
+            row += f" {m['diff']:>9.1f} {m['standard']:>9.1f} {m['diff'] / m['standard']:>6.2f}"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
