@@ -66,38 +66,37 @@ def max_lengths(src_mask: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
     return (max_len_a * src_len + max_len_b).floor().clamp_min(0).long()
 
 
-def _log_probs(model: Seq2SeqTransformer, step: Tensor, memory: Tensor, src_mask: Tensor,
-               cache) -> Tensor:
-    """Next-token log-probabilities (rows, V), at least float32 whatever the model dtype."""
+def _next_logits(model: Seq2SeqTransformer, step: Tensor, memory: Tensor, src_mask: Tensor,
+                 cache) -> Tensor:
+    """Next-token logits (rows, V) after ``step`` (rows, 1), at least float32."""
     logits = model.decode(step, memory, src_mask, cache=cache)[:, -1]  # (rows, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.log_softmax(logits, dim=-1)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _constrain(lprobs: Tensor, t: int, row_max_len: Tensor, min_len: int,
+def _constrain(scores: Tensor, t: int, row_max_len: Tensor, min_len: int,
                config) -> Tensor:
     """Ban pad/bos; ban eos before ``min_len``; force eos on rows at their length cap (in place).
 
-    A forced eos keeps the model's own log-probability, so scores stay true sums of log-probs.
+    A forced eos keeps the model's own score, so beam scores stay true sums of log-probs.
 
     Args:
-        lprobs: (rows, V) log-probabilities, modified in place.
+        scores: (rows, V) logits or log-probabilities, modified in place.
         t: pieces already decoded in every row.
         row_max_len: (rows,) piece cap of each row.
         min_len: minimum number of pieces.
         config: the model's ``ModelConfig`` (special ids).
     """
-    lprobs[:, config.pad_id] = NEG_INF
-    lprobs[:, config.bos_id] = NEG_INF
+    scores[:, config.pad_id] = NEG_INF
+    scores[:, config.bos_id] = NEG_INF
     at_max = row_max_len <= t  # (rows,)
     if t < min_len:
-        eos_col = lprobs[:, config.eos_id]
+        eos_col = scores[:, config.eos_id]
         eos_col.masked_fill_(~at_max, NEG_INF)
     if bool(at_max.any()):
-        not_eos = torch.ones(lprobs.shape[1], dtype=torch.bool, device=lprobs.device)
+        not_eos = torch.ones(scores.shape[1], dtype=torch.bool, device=scores.device)
         not_eos[config.eos_id] = False
-        lprobs.masked_fill_(at_max[:, None] & not_eos[None, :], NEG_INF)
-    return lprobs
+        scores.masked_fill_(at_max[:, None] & not_eos[None, :], NEG_INF)
+    return scores
 
 
 def _decode_loop(
@@ -109,7 +108,11 @@ def _decode_loop(
     max_len_b: int,
     min_len: int,
 ) -> list[list[int]]:
-    """One hypothesis per sentence, choosing each next token with ``pick(lprobs) -> (rows,)``."""
+    """One hypothesis per sentence, choosing each next token with ``pick(logits) -> (rows,)``.
+
+    ``pick`` gets constrained logits, not log-probs: argmax and softmax(logits / T) are the same
+    either way, and skipping the log-softmax saves a pass over (rows, V).
+    """
     config = model.config
     batch = src.shape[0]
     if batch == 0:
@@ -124,9 +127,9 @@ def _decode_loop(
     cache = model.new_cache()
     t = 0
     while rows.numel():
-        lprobs = _constrain(_log_probs(model, step, memory, src_mask, cache), t, row_max_len,
+        logits = _constrain(_next_logits(model, step, memory, src_mask, cache), t, row_max_len,
                             min_len, config)
-        token = pick(lprobs)  # (rows,)
+        token = pick(logits)  # (rows,)
         out[rows, t] = token
         finished = token == config.eos_id
         lengths[rows] = torch.where(finished, t, t + 1)
@@ -164,7 +167,7 @@ def greedy_search(
         For each sentence, its target pieces without bos/eos.
     """
     with _eval_mode(model):
-        return _decode_loop(model, src, src_mask, lambda lp: lp.argmax(dim=-1), max_len_a,
+        return _decode_loop(model, src, src_mask, lambda logits: logits.argmax(dim=-1), max_len_a,
                             max_len_b, min_len)
 
 
@@ -201,8 +204,8 @@ def sample(
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
 
-    def pick(lprobs: Tensor) -> Tensor:
-        scores = lprobs / temperature
+    def pick(logits: Tensor) -> Tensor:
+        scores = logits / temperature
         if 0 < top_k < scores.shape[-1]:
             kth = scores.topk(top_k, dim=-1).values[:, -1:]
             scores = scores.masked_fill(scores < kth, NEG_INF)
@@ -301,10 +304,12 @@ def _beam_search(
 
     sents = torch.arange(batch, device=device)  # (n,) original sentence of each active one
     row_max_len = sent_max_len.repeat_interleave(k)  # (n·K,)
-    scores = torch.full((batch, k), NEG_INF, device=device, dtype=torch.float64)
+    # Scores in the log-prob dtype: float32 (for float32/16 models) or float64 (float64 models).
+    dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    scores = torch.full((batch, k), NEG_INF, device=device, dtype=dtype)
     scores[:, 0] = 0.0  # one live beam at first, so the K beams do not start as copies
     tokens = torch.full((batch * k, 1), config.bos_id, dtype=torch.long, device=device)
-    fin_scores = torch.full((batch, k), NEG_INF, device=device, dtype=torch.float64)
+    fin_scores = torch.full((batch, k), NEG_INF, device=device, dtype=dtype)
     fin_tokens = torch.full((batch, k, limit + 1), config.pad_id, dtype=torch.long, device=device)
     fin_lengths = torch.zeros((batch, k), dtype=torch.long, device=device)
     num_candidates = min(2 * k, k * vocab)
@@ -312,9 +317,10 @@ def _beam_search(
     t = 0  # pieces in every open hypothesis
     while sents.numel():
         n = sents.numel()
-        lprobs = _constrain(_log_probs(model, tokens[:, -1:], memory, src_mask, cache), t,
-                            row_max_len, min_len, config)
-        cand = (scores.view(n * k, 1) + lprobs.to(torch.float64)).view(n, k * vocab)
+        lprobs = torch.log_softmax(_next_logits(model, tokens[:, -1:], memory, src_mask, cache),
+                                   dim=-1)
+        lprobs = _constrain(lprobs, t, row_max_len, min_len, config)
+        cand = (scores.view(n * k, 1) + lprobs).view(n, k * vocab)
         top_scores, top_index = cand.topk(num_candidates, dim=1)  # (n, 2K)
         top_scores, top_index = _rank_stably(top_scores, top_index)
         beam = top_index // vocab  # (n, 2K) beam each candidate extends
@@ -352,7 +358,7 @@ def _beam_search(
 
         # Done: K finished and the best open hypothesis cannot beat the worst finished one,
         # even at its most favourable finishing length in [t + 1, cap + 1].
-        cap = sent_max_len[sents].to(torch.float64)
+        cap = sent_max_len[sents].to(dtype)
         best_lp = torch.maximum(length_penalty_factor(torch.full_like(cap, t + 1.0), alpha),
                                 length_penalty_factor(cap + 1.0, alpha))
         bound = scores.max(dim=1).values / best_lp
