@@ -313,7 +313,8 @@ def test_order_depends_on_seed_and_epoch_only():
     fixed = D.TokenBatchSampler(src, tgt, 300, shuffle=False)
     assert list(fixed) == (fixed.set_epoch(5) or list(fixed))
     flat = [i for b in fixed for i in b]
-    assert list(tgt[flat]) == sorted(tgt)  # evaluation batches are length-sorted
+    longer = np.maximum(src, tgt)
+    assert list(longer[flat]) == sorted(longer)  # evaluation batches are length-sorted
 
 
 def test_oversized_example_gets_its_own_batch():
@@ -467,10 +468,15 @@ class _Recorder:
                 super().__init__()
                 self.w = torch.nn.Parameter(torch.ones(1))
                 self.seen = []
+                self.validated = 0
 
             def training_step(self, batch, batch_idx):
                 self.seen.append((self.current_epoch, tuple(batch["src"][0].tolist())))
                 return (self.w * batch["src"].float().mean()).sum()
+
+            def validation_step(self, batch, batch_idx):
+                assert len(batch["src_text"]) == len(batch["ref_text"]) == len(batch["src"])
+                self.validated += 1
 
             def configure_optimizers(self):
                 return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -484,7 +490,7 @@ def test_lightning_resumes_mid_epoch(corpus, module_dirs, tmp_path):
 
     def trainer(**kwargs):
         return L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu",
+                         enable_model_summary=False, limit_val_batches=2, accelerator="cpu",
                          **kwargs)
 
     dm = _module(corpus, module_dirs, max_tokens=200, max_len=50)
@@ -502,3 +508,4 @@ def test_lightning_resumes_mid_epoch(corpus, module_dirs, tmp_path):
     trainer(enable_checkpointing=False).fit(resumed, datamodule=dm2,
                                             ckpt_path=str(tmp_path / "step=3.ckpt"))
     assert resumed.seen == full.seen[3:]
+    assert full.validated > 0
