@@ -402,6 +402,14 @@ def _extract_batch(
     return {"src_text": src_texts, "tgt_text": tgt_texts}
 
 
+def _check_origins(source: Source, origins: Sequence[str] | None) -> None:
+    if origins and source.origin is None:
+        raise ConfigError(
+            f"origins={list(origins)} needs a '.origin' file next to the plain-text corpus "
+            f"{source.spec!r}"
+        )
+
+
 def iter_pairs(
     source: Source,
     src_lang: str,
@@ -415,11 +423,7 @@ def iter_pairs(
         ConfigError: ``origins`` for a source without a ``.origin`` file.
         DataError: Any reader error.
     """
-    if origins and source.origin is None:
-        raise ConfigError(
-            f"origins={list(origins)} needs a '.origin' file next to the plain-text corpus "
-            f"{source.spec!r}"
-        )
+    _check_origins(source, origins)
     if source.format == "text":
         pairs = read_text_pair(*source.paths, origin_path=source.origin, origins=origins)
     elif source.format == "tsv":
@@ -477,11 +481,12 @@ def load_pairs(
     """
     cache_dir = Path(cache_dir)
     origins = sorted(origins) if origins else None
+    _check_origins(source, origins)
     key = _hash(CACHE_VERSION, source.fingerprint(), src_lang, tgt_lang, origins)
+    empty = DataError("no sentence pairs" + (f" with origins {origins}" if origins else ""),
+                      source.spec)
     try:
         if source.format in ("text", "tsv", "jsonl"):
-            if origins and source.origin is None:
-                list(iter_pairs(source, src_lang, tgt_lang, origins))  # raises the ConfigError
             ds = datasets.Dataset.from_generator(
                 _generate,
                 features=PAIR_FEATURES,
@@ -491,8 +496,6 @@ def load_pairs(
                 fingerprint=key,
             )
         else:
-            if origins:
-                raise ConfigError("origins only applies to a plain-text corpus with .origin tags")
             raw = _load_hf(source, cache_dir)
             _check_columns(raw, src_lang, tgt_lang, source.spec)
             key = _hash(key, raw._fingerprint)
@@ -516,10 +519,9 @@ def load_pairs(
     except ValueError as error:  # what from_generator says when nothing was generated
         if "corresponds to no data" not in str(error):
             raise
-        ds = []
+        raise empty from None
     if len(ds) == 0:
-        kept = f" with origins {origins}" if origins else ""
-        raise DataError(f"no sentence pairs{kept}", source.spec)
+        raise empty
     return ds
 
 
