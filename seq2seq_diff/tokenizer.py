@@ -203,7 +203,7 @@ def _romanian_normalizer() -> spm.SentencePieceNormalizer:
     """``nmt_nfkc`` rules plus cedilla → comma-below, compiled for the trainer."""
     if not hasattr(spm.SentencePieceNormalizer, "Decompile"):
         raise ConfigError(
-            "normalize_romanian needs sentencepiece>=0.2.1 (custom normalisation rules); "
+            "normalize_romanian needs sentencepiece>=0.2.3 (normalisation rules from a map); "
             "upgrade it or set normalize_romanian=False"
         )
     rules = dict(spm.SentencePieceNormalizer(rule_name="nmt_nfkc").Decompile())
