@@ -1,0 +1,403 @@
+"""Translator and file translation: structure kept, nothing dropped, streaming, resumable, CLI.
+
+A tiny SentencePiece model (trained on a few hundred lines of the bundled corpus) and an
+untrained tiny model: outputs are gibberish, but one output per input, blank lines, paragraphs
+and order must hold. An "identity" translator (search returns the source pieces) checks order
+and layout exactly.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from seq2seq_diff.errors import ConfigError, DataError
+from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
+from seq2seq_diff.segment import segment_document
+from seq2seq_diff.tokenizer import train_tokenizer
+from seq2seq_diff.translate import (
+    TranslationInterrupted,
+    TranslationStats,
+    Translator,
+    cli_main,
+    make_batches,
+    progress_path,
+    translate_file,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_dir() -> Path:
+    for root in (REPO / "data/en-ro/train", Path("/work/shared/data/en-ro/train")):
+        if (root / "train.en").is_file():
+            return root
+    pytest.skip("bundled En-Ro training data not found")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def english() -> list[str]:
+    with open(_train_dir() / "train.en", encoding="utf-8") as f:
+        return [next(f).rstrip("\n") for _ in range(300)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory, english):
+    with open(_train_dir() / "train.ro", encoding="utf-8") as f:
+        romanian = [next(f).rstrip("\n") for _ in range(300)]
+    path = tmp_path_factory.mktemp("spm") / "spm.model"
+    return train_tokenizer(english + romanian, path, vocab_size=250, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer) -> Seq2SeqTransformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, num_heads=2,
+                      num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64, dropout=0.0,
+                      tie_embeddings=False)
+    return Seq2SeqTransformer(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model, tokenizer) -> Path:
+    from seq2seq_diff.model_dir import save_model_dir
+
+    return save_model_dir(tmp_path_factory.mktemp("models") / "tiny", model, tokenizer)
+
+
+def make_translator(model, tokenizer, **options) -> Translator:
+    options = {"beam_size": 1, "max_len_a": 1.0, "max_len_b": 5, **options}
+    return Translator(model, tokenizer, **options)
+
+
+class IdentityTranslator(Translator):
+    """Search returns the source pieces: the "translation" is the tokenizer round trip."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches: list[int] = []
+
+    def _search(self, src, src_mask):
+        self.batches.append(int(src_mask.sum()))
+        return [[(row[mask][:-1].tolist(), 0.0)] for row, mask in zip(src, src_mask, strict=True)]
+
+
+def roundtrip(tokenizer, texts: list[str]) -> list[str]:
+    return tokenizer.decode(tokenizer.encode(texts))
+
+
+def exact_lines(tokenizer, english: list[str]) -> list[str]:
+    """Corpus lines that survive the tokenizer round trip unchanged."""
+    return [s for s, r in zip(english, roundtrip(tokenizer, english), strict=True) if s == r]
+
+
+# --- batching -------------------------------------------------------------------------------
+
+def test_make_batches_budget_order_and_coverage():
+    lengths = [5, 30, 7, 7, 12, 3, 100, 1, 30]
+    batches = make_batches(lengths, max_tokens=40)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 40 or len(b) == 1
+    assert [6] in batches  # longer than the budget: alone, never dropped
+    flat = [lengths[i] for b in batches for i in b]
+    assert flat == sorted(flat, reverse=True)
+    assert make_batches([], 10) == []
+
+
+# --- translate() ----------------------------------------------------------------------------
+
+def test_one_output_per_input_blank_in_blank_out(model, tokenizer, english):
+    lines = [english[0], "", "   ", english[1], "\t", english[2], ""]
+    translator = make_translator(model, tokenizer)
+    calls = []
+    original = translator._search_units
+    translator._search_units = lambda texts, *a, **k: calls.append(list(texts)) or original(
+        texts, *a, **k)
+    out = translator.translate(lines)
+    assert len(out) == len(lines)
+    assert [o == "" for o in out] == [not line.strip() for line in lines]
+    assert all(o.strip() for o, line in zip(out, lines, strict=True) if line.strip())
+    assert all(text.strip() for texts in calls for text in texts)  # blanks never sent
+    assert translator.translate([]) == []
+    assert translator.translate(["", " "]) == ["", ""]
+    with pytest.raises(TypeError):
+        translator.translate("a string")
+
+
+def test_results_in_input_order_despite_length_sorting(model, tokenizer, english):
+    lines = exact_lines(tokenizer, english)[:40]
+    assert len({len(s) for s in lines}) > 10  # lengths differ: sorting reorders them
+    translator = IdentityTranslator(model, tokenizer, max_tokens=60)
+    assert translator.translate(lines) == lines
+    assert len(translator.batches) > 1 and max(translator.batches) <= 60
+
+
+def test_batched_equals_one_by_one_with_real_model(model, tokenizer, english):
+    lines = english[:12]
+    translator = make_translator(model, tokenizer, beam_size=2, max_tokens=50)
+    batched = translator.translate(lines)
+    assert batched == [translator.translate([line])[0] for line in lines]
+    assert len(set(batched)) > 1  # outputs depend on the input
+
+
+def test_long_line_is_chunked_not_truncated(model, tokenizer, english):
+    long_line = " ".join(english * 2)[:10_000]
+    assert len(long_line) == 10_000
+    translator = IdentityTranslator(model, tokenizer, max_sentence_tokens=40)
+    stats = TranslationStats()
+    (out,) = translator.translate([long_line], stats)
+    assert stats.lines == 1 and stats.units > 10 and stats.chunked_sentences + stats.sentences > 1
+    # Every piece of the source comes back: the identity output is the whole line's round trip.
+    assert out.split() == " ".join(roundtrip(tokenizer, [long_line])).split()
+    real = make_translator(model, tokenizer, max_sentence_tokens=40)
+    stats = TranslationStats()
+    (out,) = real.translate([long_line], stats)
+    assert out and stats.units > 10 and "\n" not in out
+    # A 10,000-character word with no spaces is cut into character windows.
+    word = "x" * 10_000
+    stats = TranslationStats()
+    (out,) = IdentityTranslator(model, tokenizer, max_sentence_tokens=40).translate([word], stats)
+    assert out.replace(" ", "") == word and stats.char_window_sentences == 1
+
+
+# --- translate_document() -------------------------------------------------------------------
+
+def test_document_round_trip_keeps_layout(model, tokenizer, english):
+    sents = exact_lines(tokenizer, english)
+    text = (f"\n{sents[0]} {sents[1]}\n{sents[2]}\n\n\n{sents[3]}  {sents[4]} {sents[5]}\n"
+            f"   \n{sents[6]}\n\n")
+    translator = IdentityTranslator(model, tokenizer)
+    stats = TranslationStats()
+    assert translator.translate_document(text, stats) == text.replace("   \n", "\n")
+    assert stats.paragraphs == 3 and stats.blank_lines == 5 and stats.whitespace_lines == 1
+    assert translator.translate_document("") == ""
+    assert translator.translate_document("\n\n") == "\n\n"
+    assert translator.translate_document(sents[0]) == sents[0]  # no final newline added
+
+    real = make_translator(model, tokenizer)
+    out = real.translate_document(text)
+    assert [not line.strip() for line in out.split("\n")] == \
+        [not line.strip() for line in text.split("\n")]
+
+
+def test_sentence_count_in_equals_sentences_translated(model, tokenizer, english):
+    text = " ".join(english[:10]) + "\n\n" + " ".join(english[10:25]) + "\n"
+    expected = segment_document(text, "en").summary.sentences
+    translator = IdentityTranslator(model, tokenizer)
+    stats = TranslationStats()
+    translator.translate_document(text, stats)
+    assert stats.sentences == expected == stats.units
+    assert sum(1 for _ in translator.batches) >= 1
+    assert stats.source_tokens == sum(len(ids) + 1 for ids in tokenizer.encode(
+        [u.text for u in segment_document(text, "en").units]))
+
+
+# --- files: streaming, resume, bad input ---------------------------------------------------
+
+def write_input(path: Path, english: list[str]) -> list[str]:
+    lines = []
+    for i, sentence in enumerate(english[:60]):
+        lines.append(sentence)
+        if i % 7 == 3:
+            lines.append("")
+        if i % 11 == 5:
+            lines.append("  ")
+    lines[20] = " and ".join(s.rstrip(".") for s in english[100:160]) + "."  # chunked
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return lines
+
+
+@pytest.mark.parametrize("mode", ["line", "document"])
+def test_translate_file_streams_in_windows(tmp_path, model, tokenizer, english, mode):
+    src = tmp_path / "in.txt"
+    lines = write_input(src, english)
+    translator = make_translator(model, tokenizer, max_sentence_tokens=30)
+    whole = tmp_path / "whole.txt"
+    windowed = tmp_path / "windowed.txt"
+    stats = translate_file(translator, src, whole, mode, window_lines=100_000)
+    stats_w = translate_file(translator, src, windowed, mode, window_lines=4)
+    assert windowed.read_bytes() == whole.read_bytes()  # windows change nothing
+    assert not progress_path(windowed).exists()  # removed once complete
+    out = windowed.read_text(encoding="utf-8").split("\n")
+    assert out[-1] == "" and len(out) - 1 == len(lines)
+    assert [not o for o in out[:-1]] == [not line.strip() for line in lines]
+    assert stats_w.lines == stats.lines == len(lines)
+    assert stats_w.sentences == stats.sentences and stats_w.units == stats.units
+    assert stats.chunked_sentences >= 1 and "chunked" in str(stats)
+
+
+def test_empty_input_gives_empty_output(tmp_path, model, tokenizer):
+    src = tmp_path / "empty.txt"
+    src.write_bytes(b"")
+    for mode in ("line", "document"):
+        out = tmp_path / f"out-{mode}.txt"
+        stats = translate_file(make_translator(model, tokenizer), src, out, mode)
+        assert out.read_bytes() == b"" and stats.lines == 0
+
+
+@pytest.mark.parametrize("mode", ["line", "document"])
+def test_resume_after_interrupt_is_byte_identical(tmp_path, model, tokenizer, english,
+                                                  monkeypatch, mode):
+    src = tmp_path / "in.txt"
+    write_input(src, english)
+    translator = make_translator(model, tokenizer, max_sentence_tokens=30)
+    reference = tmp_path / "reference.txt"
+    translate_file(translator, src, reference, mode, window_lines=5)
+
+    out = tmp_path / "out.txt"
+    original = Translator._translate_units
+    calls = []
+
+    def interrupt_on_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Translator, "_translate_units", interrupt_on_third)
+    with pytest.raises(TranslationInterrupted) as stop:
+        translate_file(translator, src, out, mode, window_lines=5)
+    assert stop.value.resumable and stop.value.lines_done >= 10
+    state = json.loads(progress_path(out).read_text())
+    assert state["lines_done"] == stop.value.lines_done
+    assert state["output_bytes"] == out.stat().st_size
+    monkeypatch.setattr(Translator, "_translate_units", original)
+
+    with open(out, "ab") as f:  # a torn write after the last recorded window
+        f.write(b"partial garbage")
+    stats = translate_file(translator, src, out, mode, resume=True, window_lines=5)
+    assert out.read_bytes() == reference.read_bytes()
+    assert not progress_path(out).exists()
+    assert stats.lines == len(src.read_text().split("\n")) - 1  # counts span both runs
+
+
+def test_resume_checks(tmp_path, model, tokenizer, english):
+    src = tmp_path / "in.txt"
+    write_input(src, english)
+    translator = make_translator(model, tokenizer)
+    out = tmp_path / "out.txt"
+    translate_file(translator, src, out, resume=True)  # nothing there yet: starts fresh
+    with pytest.raises(DataError, match="nothing to resume"):
+        translate_file(translator, src, out, resume=True)  # complete: no sidecar
+    progress_path(out).write_text(json.dumps({"lines_done": 3, "output_bytes": 10,
+                                              "settings": {"mode": "line"}}))
+    with pytest.raises(ConfigError, match="other options"):
+        translate_file(translator, src, out, resume=True)
+    with pytest.raises(ConfigError, match="stdout"):
+        translate_file(translator, src, "-", resume=True)
+    with pytest.raises(ConfigError, match="differ"):
+        translate_file(translator, src, src)
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path, model, tokenizer):
+    src = tmp_path / "bad.txt"
+    src.write_bytes(b"Hello there.\nA second line.\nBroken \xff\xfe here.\nFine.\n")
+    translator = make_translator(model, tokenizer)
+    with pytest.raises(DataError) as error:
+        translate_file(translator, src, tmp_path / "out.txt")
+    assert error.value.line == 3 and error.value.path == str(src) and "--errors replace" in str(
+        error.value)
+    stats = translate_file(translator, src, tmp_path / "out2.txt", errors="replace")
+    assert stats.invalid_utf8_lines == 1
+    assert len((tmp_path / "out2.txt").read_text().split("\n")) == 5
+
+
+def test_crlf_and_bom_accepted(tmp_path, model, tokenizer, english):
+    plain, windows = tmp_path / "plain.txt", tmp_path / "windows.txt"
+    plain.write_bytes(("\n".join([english[0], "", english[1]]) + "\n").encode())
+    windows.write_bytes(b"\xef\xbb\xbf" + ("\r\n".join([english[0], "", english[1]])
+                                          + "\r\n").encode())
+    translator = make_translator(model, tokenizer)
+    for mode in ("line", "document"):
+        translate_file(translator, plain, tmp_path / "a.txt", mode)
+        stats = translate_file(translator, windows, tmp_path / "b.txt", mode)
+        assert (tmp_path / "a.txt").read_bytes() == (tmp_path / "b.txt").read_bytes()
+        assert stats.bom and stats.crlf_normalised == 3 and "BOM" in str(stats)
+
+
+# --- from_pretrained and the command line ---------------------------------------------------
+
+def test_from_pretrained_matches_direct(model_dir, model, tokenizer, english):
+    loaded = Translator.from_pretrained(model_dir, beam_size=2, max_len_a=1.0, max_len_b=5)
+    direct = make_translator(model, tokenizer, beam_size=2)
+    assert loaded.translate(english[:5]) == direct.translate(english[:5])
+    with pytest.raises(ConfigError):
+        Translator.from_pretrained(model_dir, beam_size=2, n_best=3)
+
+
+def test_cli_files_and_summary(tmp_path, model_dir, english, capsys):
+    src = tmp_path / "in.txt"
+    lines = write_input(src, english)
+    out = tmp_path / "out.txt"
+    argv = ["--model", str(model_dir), "--input", str(src), "--output", str(out),
+            "--beam-size", "2", "--max-len-b", "5", "--max-len-a", "1"]
+    assert cli_main(argv) == 0
+    assert len(out.read_text().split("\n")) - 1 == len(lines)
+    summary = capsys.readouterr().err.strip().splitlines()
+    assert len(summary) == 1 and summary[0].startswith(f"translated {len(lines)} lines")
+    assert cli_main([*argv, "--mode", "document", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_stdin_to_stdout_and_nbest(tmp_path, model_dir, english, monkeypatch):
+    data = ("\n".join([english[0], "", english[1]]) + "\n").encode()
+
+    def run(*extra):
+        stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data), encoding="utf-8"))
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert cli_main(["--model", str(model_dir), "--beam-size", "3", "--max-len-b", "4",
+                         "--quiet", *extra]) == 0
+        return stdout.buffer.getvalue().decode()
+
+    lines = run().split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[0] and lines[2]
+    nbest = run("--n-best", "3").splitlines()
+    assert [line.split(" ||| ")[0] for line in nbest] == ["0", "0", "0", "1", "2", "2", "2"]
+    scores = [float(line.split(" ||| ")[2]) for line in nbest if line.startswith("0 ")]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_cli_ctrl_c_then_resume_is_byte_identical(tmp_path, model_dir, english):
+    """A real SIGINT to a running `python cli.py translate`, then --resume."""
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(english * 2) + "\n", encoding="utf-8")
+    out, reference = tmp_path / "out.txt", tmp_path / "reference.txt"
+    argv = ["--model", str(model_dir), "--input", str(src), "--beam-size", "1",
+            "--max-len-b", "5", "--max-len-a", "1", "--window-lines", "10", "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "cli.py"), "translate", *argv,
+                             "--output", str(out)], env=env, stderr=subprocess.PIPE, text=True)
+    sidecar = progress_path(out)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if sidecar.exists() and json.loads(sidecar.read_text() or "{}").get("lines_done", 0):
+            break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        pytest.fail(f"finished before it could be interrupted: {proc.communicate()[1]}")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and len(err.strip().splitlines()) == 1
+    assert cli_main([*argv, "--output", str(out), "--resume"]) == 0
+    assert cli_main([*argv, "--output", str(reference)]) == 0
+    assert out.read_bytes() == reference.read_bytes()
