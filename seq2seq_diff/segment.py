@@ -246,6 +246,23 @@ class LineLayout:
     trailing: str = ""
 
 
+# What a one-line summary reports beyond the counts: (counter attribute, message template).
+UNUSUAL_NOTES: tuple[tuple[str, str], ...] = (
+    ("chunked_sentences", "{} long sentences chunked"),
+    ("char_window_sentences", "{} cut inside a word"),
+    ("over_limit_units", "{} units still over the limit"),
+    ("whitespace_lines", "{} whitespace-only lines emptied"),
+    ("crlf_normalised", "{} CR line ends normalised to LF"),
+    ("split_failures", "{} lines not sentence-split"),
+)
+
+
+def unusual_notes(counts: object, notes: Sequence[tuple[str, str]] = UNUSUAL_NOTES) -> list[str]:
+    """The messages of ``notes`` whose counter on ``counts`` is non-zero, in order."""
+    return [template.format(getattr(counts, name)) for name, template in notes
+            if getattr(counts, name)]
+
+
 @dataclass
 class SegmentSummary:
     """Counts for a one-line report, including anything unusual.
@@ -281,19 +298,7 @@ class SegmentSummary:
             f"{self.paragraphs} paragraphs, {self.lines} lines ({self.blank_lines} blank), "
             f"{self.sentences} sentences, {self.units} units"
         )
-        unusual = []
-        if self.chunked_sentences:
-            unusual.append(f"{self.chunked_sentences} long sentences chunked")
-        if self.char_window_sentences:
-            unusual.append(f"{self.char_window_sentences} cut inside a word")
-        if self.over_limit_units:
-            unusual.append(f"{self.over_limit_units} units still over the limit")
-        if self.whitespace_lines:
-            unusual.append(f"{self.whitespace_lines} whitespace-only lines emptied")
-        if self.crlf_normalised:
-            unusual.append(f"{self.crlf_normalised} CR normalised to LF")
-        if self.split_failures:
-            unusual.append(f"{self.split_failures} lines not sentence-split")
+        unusual = unusual_notes(self)
         return text + ("; " + ", ".join(unusual) if unusual else "")
 
 

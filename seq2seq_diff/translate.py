@@ -40,10 +40,12 @@ from seq2seq_diff.model import Seq2SeqTransformer
 from seq2seq_diff.search import beam_search, greedy_search, max_lengths
 from seq2seq_diff.segment import (
     DEFAULT_MAX_TOKENS,
+    UNUSUAL_NOTES,
     SegmentedDocument,
     SegmentSummary,
     segment_document,
     segment_lines,
+    unusual_notes,
 )
 from seq2seq_diff.tokenizer import Tokenizer
 
@@ -57,6 +59,13 @@ _BOM = b"\xef\xbb\xbf"
 
 # ---------------------------------------------------------------------------------------------
 # Statistics
+
+
+_TRANSLATION_NOTES = (
+    ("length_capped", "{} translations hit the length cap"),
+    ("bom", "BOM dropped"),
+    ("invalid_utf8_lines", "{} lines with invalid UTF-8 replaced"),
+)
 
 
 @dataclass
@@ -105,10 +114,9 @@ class TranslationStats:
         """Add the counts of one segmented window (``paragraphs=False`` in line mode)."""
         if paragraphs:
             self.paragraphs += summary.paragraphs
-        for name in ("lines", "blank_lines", "sentences", "units",
-                     "chunked_sentences", "char_window_sentences", "over_limit_units",
-                     "whitespace_lines", "crlf_normalised", "split_failures"):
-            setattr(self, name, getattr(self, name) + getattr(summary, name))
+        for field in fields(SegmentSummary):
+            if field.name != "paragraphs":
+                setattr(self, field.name, getattr(self, field.name) + getattr(summary, field.name))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,25 +133,7 @@ class TranslationStats:
                 f"{self.output_tokens} tokens in {self.seconds:.1f}s ({rate:.0f} tok/s)")
         if self.paragraphs:
             text = text.replace(" lines ", f" lines in {self.paragraphs} paragraphs ", 1)
-        unusual = []
-        if self.chunked_sentences:
-            unusual.append(f"{self.chunked_sentences} long sentences chunked")
-        if self.char_window_sentences:
-            unusual.append(f"{self.char_window_sentences} cut inside a word")
-        if self.over_limit_units:
-            unusual.append(f"{self.over_limit_units} units still over the limit")
-        if self.length_capped:
-            unusual.append(f"{self.length_capped} translations hit the length cap")
-        if self.whitespace_lines:
-            unusual.append(f"{self.whitespace_lines} whitespace-only lines emptied")
-        if self.crlf_normalised:
-            unusual.append(f"{self.crlf_normalised} CR line ends")
-        if self.bom:
-            unusual.append("BOM dropped")
-        if self.invalid_utf8_lines:
-            unusual.append(f"{self.invalid_utf8_lines} lines with invalid UTF-8 replaced")
-        if self.split_failures:
-            unusual.append(f"{self.split_failures} lines not sentence-split")
+        unusual = unusual_notes(self, UNUSUAL_NOTES + _TRANSLATION_NOTES)
         return text + ("; " + ", ".join(unusual) if unusual else "")
 
 
