@@ -169,6 +169,7 @@ def train_main(argv: list[str]) -> int:
 
     cli_class, save_config = _build_cli_classes()
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter.*")
+    warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")  # Lightning on torch 2.13
     cli = cli_class(
         TranslationModule,
         TranslationDataModule,
@@ -345,10 +346,14 @@ def resolve_command(name: str) -> Callable[[list[str]], int | None]:
 
 
 def _setup_logging(debug: bool) -> None:
-    # Lightning's loggers have their own handler; the root handler is for our package's INFO
-    # messages and everyone's warnings.
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("seq2seq_diff").setLevel(logging.DEBUG if debug else logging.INFO)
+    """Our package logs INFO to stderr; Lightning keeps its own handler (no duplicates)."""
+    package = logging.getLogger("seq2seq_diff")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        package.addHandler(handler)
+    package.setLevel(logging.DEBUG if debug else logging.INFO)
+    package.propagate = False
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -372,8 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _setup_logging(debug)
+    saved_env = os.environ.get("JSONARGPARSE_DEBUG")
     if debug:
-        os.environ.setdefault("JSONARGPARSE_DEBUG", "1")
+        os.environ["JSONARGPARSE_DEBUG"] = "true"  # jsonargparse's own details on config errors
     try:
         return int(resolve_command(name)(rest) or 0)
     except (Seq2SeqDiffError, argparse.ArgumentError, yaml.YAMLError) as e:
@@ -386,3 +392,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("error: interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a command's --help or --print_config, or its argparse usage error
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        if debug:
+            if saved_env is None:
+                os.environ.pop("JSONARGPARSE_DEBUG", None)
+            else:
+                os.environ["JSONARGPARSE_DEBUG"] = saved_env

@@ -275,18 +275,22 @@ class TranslationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         sums, hyps, refs = self._gather()
         loss_sum, nll_sum, ntokens = sums.tolist()
+        metrics: dict[str, float] = {}
         if ntokens > 0:
             nll = nll_sum / ntokens
-            self.log("val_loss", loss_sum / ntokens, prog_bar=True, sync_dist=True)
-            self.log("val_nll", nll, sync_dist=True)
-            self.log("val_ppl", math.exp(min(nll, 50.0)), sync_dist=True)
+            metrics.update(val_loss=loss_sum / ntokens, val_nll=nll,
+                           val_ppl=math.exp(min(nll, 50.0)))
         if hyps:
             bleu, chrf = BLEU(), CHRF()
-            self.log("val_bleu", bleu.corpus_score(hyps, [refs]).score, prog_bar=True,
-                     sync_dist=True)
-            self.log("val_chrf", chrf.corpus_score(hyps, [refs]).score, sync_dist=True)
+            metrics["val_bleu"] = bleu.corpus_score(hyps, [refs]).score
+            metrics["val_chrf"] = chrf.corpus_score(hyps, [refs]).score
             if not self._signature_logged and not self.trainer.sanity_checking:
                 self._log_signature(bleu, chrf, len(hyps))
+        for name, value in metrics.items():
+            self.log(name, value, prog_bar=name in ("val_loss", "val_bleu"), sync_dist=True)
+        if metrics and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            logger.info("step %d: %s", self.global_step,
+                        " ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
         self._reset_validation()
 
     def _log_signature(self, bleu: BLEU, chrf: CHRF, count: int) -> None:

@@ -1,0 +1,188 @@
+"""TranslationModule: schedule, weight decay, loss, validation BLEU, learning, checkpoints."""
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from seq2seq_diff.data import TranslationDataModule
+from seq2seq_diff.errors import ConfigError
+from seq2seq_diff.lit_module import (
+    TranslationModule,
+    inverse_sqrt_factor,
+    parameter_groups,
+)
+from seq2seq_diff.model import ModelConfig
+from seq2seq_diff.model_dir import CHECKPOINT_KEY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_corpus(folder: Path, n_train: int, n_dev: int = 40) -> Path:
+    """The first lines of the bundled train and dev sets as a small corpus."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source, n in (("train", "train/train", n_train), ("dev", "dev/newsdev2016", n_dev)):
+        for lang in ("en", "ro"):
+            with open(ROOT / "data" / "en-ro" / f"{source}.{lang}", encoding="utf-8") as f:
+                lines = [next(f) for _ in range(n)]
+            (folder / f"{name}.{lang}").write_text("".join(lines), encoding="utf-8")
+    return folder
+
+
+def make_data(tmp: Path, n_train: int = 300, max_tokens: int = 400) -> TranslationDataModule:
+    corpus = write_corpus(tmp / "corpus", n_train)
+    return TranslationDataModule(
+        train=str(corpus / "train"), valid=str(corpus / "dev"), vocab_size=300,
+        max_tokens=max_tokens, max_len=128, cache_dir=str(tmp / "cache"),
+        work_dir=str(tmp / "work"))
+
+
+def tiny_config(vocab_size: int, dropout: float = 0.0, d_model: int = 32) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, num_heads=2, num_encoder_layers=1,
+                       num_decoder_layers=1, ffn_dim=2 * d_model, dropout=dropout)
+
+
+def make_trainer(tmp: Path, **kwargs) -> L.Trainer:
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0, use_distributed_sampler=False,
+                   default_root_dir=str(tmp))
+    options.update(kwargs)
+    return L.Trainer(**options)
+
+
+# -- pure functions ---------------------------------------------------------------------------
+
+
+def test_inverse_sqrt_schedule():
+    warmup = 100
+    factors = [inverse_sqrt_factor(step, warmup) for step in range(400)]
+    assert factors[0] == pytest.approx(1 / warmup)
+    assert factors[49] == pytest.approx(0.5)  # linear warmup
+    assert max(factors) == pytest.approx(1.0) == factors[warmup - 1]
+    assert factors[4 * warmup - 1] == pytest.approx(0.5)  # 1/sqrt decay: 4x steps, half the LR
+    assert all(a < b for a, b in zip(factors[: warmup - 1], factors[1:warmup], strict=True))
+    assert all(a > b for a, b in zip(factors[warmup:-1], factors[warmup + 1 :], strict=True))
+
+
+def test_weight_decay_only_on_weight_matrices():
+    module = TranslationModule(tiny_config(300), warmup_steps=1)
+    decay, no_decay = parameter_groups(module.model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(undecayed)
+    assert decayed | undecayed == set(names.values())
+    assert "embed.weight" in undecayed
+    assert any("lambda_q1" in n for n in undecayed)
+    assert any(n.endswith("norm.weight") for n in undecayed)
+    assert all(n.endswith("proj.weight") or ".ffn.w" in n for n in decayed)
+
+
+def test_bad_hyperparameters_raise_config_errors():
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        TranslationModule(tiny_config(300), warmup_steps=0)
+    with pytest.raises(ConfigError, match="label_smoothing"):
+        TranslationModule(tiny_config(300), label_smoothing=1.0)
+
+
+def _batch(extra_pad: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, 300, (2, 6), generator=g)
+    tgt = torch.randint(4, 300, (2, 5), generator=g)
+    src[1, 4:] = 0
+    tgt[1, 3:] = 0
+    pad = torch.zeros(2, extra_pad, dtype=torch.long)
+    tgt_in = torch.cat([torch.full((2, 1), 2), tgt[:, :-1], pad], dim=1)
+    tgt_out = torch.cat([tgt, pad], dim=1)
+    return {"src": torch.cat([src, pad], dim=1), "tgt_in": tgt_in, "tgt_out": tgt_out}
+
+
+def test_loss_ignores_padding_and_counts_tokens():
+    module = TranslationModule(tiny_config(300), label_smoothing=0.1, warmup_steps=1).eval()
+    loss, nll, ntokens = module._loss(_batch())
+    loss_padded, nll_padded, ntokens_padded = module._loss(_batch(extra_pad=3))
+    assert ntokens == ntokens_padded == 5 + 3
+    assert torch.allclose(loss, loss_padded, atol=1e-5)
+    assert torch.allclose(nll, nll_padded, atol=1e-5)
+    assert loss > nll  # smoothing adds the cross-entropy to the uniform distribution
+    plain = TranslationModule(tiny_config(300), label_smoothing=0.0, warmup_steps=1).eval()
+    plain.load_state_dict(module.state_dict())
+    loss0, nll0, _ = plain._loss(_batch())
+    assert torch.allclose(loss0, nll0)
+    assert math.isclose(nll0.item() / 8, nll.item() / 8, rel_tol=1e-6)
+
+
+# -- with a Trainer ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def test_validation_logs_bleu_chrf_and_signature(tmp_path, data, caplog):
+    module = TranslationModule(tiny_config(data.vocab_size), warmup_steps=2, valid_bleu_size=12)
+    trainer = make_trainer(tmp_path, max_steps=3, val_check_interval=3,
+                           check_val_every_n_epoch=None, log_every_n_steps=1)
+    with caplog.at_level(logging.INFO, logger="seq2seq_diff.lit_module"):
+        trainer.fit(module, datamodule=data)
+    metrics = trainer.callback_metrics
+    for name in ("val_loss", "val_nll", "val_ppl", "val_bleu", "val_chrf", "train_loss", "tok_s"):
+        assert name in metrics, name
+    assert 0.0 <= metrics["val_bleu"] <= 100.0
+    assert metrics["tok_s"] > 0
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_nll"]), rel=1e-4)
+    assert module.bleu_signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert "sacreBLEU signatures" in caplog.text and "12 dev sentences" in caplog.text
+    assert trainer.lr_scheduler_configs[0].interval == "step"
+
+
+def test_checkpoint_carries_config_tokenizer_and_loads(tmp_path, data):
+    module = TranslationModule(tiny_config(data.vocab_size), warmup_steps=2, valid_bleu_size=0)
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    path = tmp_path / "x.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)  # as Lightning itself loads it
+    extra = checkpoint[CHECKPOINT_KEY]
+    assert extra["model_config"] == module.config.to_dict()
+    data.tokenizer.save(tmp_path / "spm.model")
+    assert extra["spm_model"] == (tmp_path / "spm.model").read_bytes()
+    loaded = TranslationModule.load_from_checkpoint(path)
+    assert loaded.config == module.config
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+
+
+def test_learning_rate_follows_the_schedule(tmp_path, data):
+    module = TranslationModule(tiny_config(data.vocab_size), lr=1e-3, warmup_steps=4,
+                               valid_bleu_size=0)
+    trainer = make_trainer(tmp_path, max_steps=6, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(1e-3 * inverse_sqrt_factor(6, 4))
+
+
+def test_training_loss_falls(tmp_path):
+    """~1.5k real pairs, 80 steps: the per-token loss drops well below its start."""
+    data = make_data(tmp_path, n_train=1500, max_tokens=800)
+    module = TranslationModule(tiny_config(data.vocab_size, d_model=64), lr=3e-3,
+                               warmup_steps=10, label_smoothing=0.0, valid_bleu_size=0)
+
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer = make_trainer(tmp_path, max_steps=80, limit_val_batches=0, callbacks=[Record()],
+                           gradient_clip_val=1.0)
+    trainer.fit(module, datamodule=data)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert first > math.log(data.vocab_size) - 1.0  # starts near uniform
+    assert last < first - 1.5, (first, last)
