@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
-from seq2seq_diff.translate import Translator
+from seq2seq_diff.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "data/en-ro/book/gimp-manual-heldout.en"

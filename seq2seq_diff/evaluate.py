@@ -353,12 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _translate(model_dir: str, src_path: str) -> list[str]:
-    """Translate a source file with a trained model (``seq2seq_diff.translate``)."""
+    """Translate a source file with a trained model (``seq2seq_diff.translator``)."""
     try:
-        from seq2seq_diff.translate import Translator
+        from seq2seq_diff.translator import Translator
     except ImportError as error:
         raise ConfigError(
-            f"--model needs seq2seq_diff.translate, which cannot be imported ({error}); "
+            f"--model needs seq2seq_diff.translator, which cannot be imported ({error}); "
             "translate first and pass --hyp"
         ) from None
     sources = read_lines(src_path, "source file")

@@ -264,7 +264,7 @@ def test_bad_options_are_config_or_data_errors(files, tmp_path):
 
 
 class FakeTranslator:
-    """Stands in for seq2seq_diff.translate.Translator: 'translates' by looking up the reference."""
+    """Stands in for seq2seq_diff.translator.Translator: 'translates' by looking up references."""
 
     table: dict[str, str] = {}
     loaded_from: list[str] = []
@@ -283,9 +283,9 @@ def test_model_path_translates_then_scores(files, tmp_path, monkeypatch, capsys)
     src_path = tmp_path / "src.en"
     src_path.write_text("\n".join(src) + "\n", encoding="utf-8")
     FakeTranslator.table = dict(zip(src, files["hyp"], strict=True))
-    fake = types.ModuleType("seq2seq_diff.translate")
+    fake = types.ModuleType("seq2seq_diff.translator")
     fake.Translator = FakeTranslator
-    monkeypatch.setitem(sys.modules, "seq2seq_diff.translate", fake)
+    monkeypatch.setitem(sys.modules, "seq2seq_diff.translator", fake)
     argv = ["--model", tmp_path, "--src", src_path, "--ref", files["paths"]["ref"], "--json"]
     argv += ["--metrics", "bleu"]
     report = json.loads(run_cli(argv, capsys))
@@ -294,11 +294,11 @@ def test_model_path_translates_then_scores(files, tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("seq2seq_diff.translate") is None,
-    reason="seq2seq_diff.translate not written yet",
+    importlib.util.find_spec("seq2seq_diff.translator") is None,
+    reason="seq2seq_diff.translator not written yet",
 )
 def test_real_translate_module_has_the_interface_evaluate_calls():
-    from seq2seq_diff.translate import Translator
+    from seq2seq_diff.translator import Translator
 
     assert callable(Translator.from_pretrained)
     assert callable(Translator.translate)
