@@ -5,39 +5,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from seq2seq_diff.arrow import filter_pairs, load_pairs, tokenize_pairs
 from seq2seq_diff.corpus import resolve_source
 from seq2seq_diff.tokenizer import train_tokenizer
-
-DATA = Path(__file__).resolve().parents[1] / "data" / "en-ro"
-N_LINES = 200
-
-
-def _head(path: Path, n: int = N_LINES) -> list[str]:
-    """Every 140th line: the bundled corpus is grouped by origin, this mixes all of them."""
-    return path.read_text(encoding="utf-8").splitlines()[::140][:n]
-
-
-@pytest.fixture(scope="module")
-def lines() -> dict[str, list[str]]:
-    return {lang: _head(DATA / "train" / f"train.{lang}") for lang in ("en", "ro", "origin")}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, lines) -> Path:
-    """A tiny plain-text corpus prefix: corpus.en, corpus.ro, corpus.origin."""
-    root = tmp_path_factory.mktemp("corpus")
-    for lang, text in lines.items():
-        (root / f"corpus.{lang}").write_text("\n".join(text) + "\n", encoding="utf-8")
-    return root / "corpus"
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory, lines):
-    path = tmp_path_factory.mktemp("spm") / "spm.model"
-    return train_tokenizer(lines["en"] + lines["ro"], path, vocab_size=300)
 
 
 def _write(path: Path, lines: list[str]) -> Path:
@@ -57,7 +28,7 @@ def test_empty_pairs_dropped_and_counted(tmp_path, tok, caplog):
     assert "dropped 3 with an empty side" in caplog.text
 
 
-def test_length_and_ratio_filters_counted(corpus, tok, tmp_path):
+def test_length_and_ratio_filters_counted(corpus, lines, tok, tmp_path):
     pairs = load_pairs(resolve_source(str(corpus), "en", "ro"), "en", "ro", tmp_path)
     tokens = tokenize_pairs(pairs, tok, tmp_path)
     src = np.array(tokens["src_len"])
@@ -66,7 +37,7 @@ def test_length_and_ratio_filters_counted(corpus, tok, tmp_path):
     bad = ~long & (np.maximum(src, tgt) / np.minimum(src, tgt) > 1.3)
     ds, stats = filter_pairs(tokens, max_len=12, max_len_ratio=1.3)
     assert (stats.too_long, stats.bad_ratio) == (long.sum(), bad.sum())
-    assert stats.kept == len(ds) == N_LINES - long.sum() - bad.sum()
+    assert stats.kept == len(ds) == len(lines["en"]) - long.sum() - bad.sum()
     assert max(ds["src_len"]) <= 12 and max(ds["tgt_len"]) <= 12
 
 

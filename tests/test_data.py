@@ -10,28 +10,6 @@ import torch
 from seq2seq_diff.data import TranslationDataModule
 from seq2seq_diff.errors import ConfigError
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "en-ro"
-N_LINES = 200
-
-
-def _head(path: Path, n: int = N_LINES) -> list[str]:
-    """Every 140th line: the bundled corpus is grouped by origin, this mixes all of them."""
-    return path.read_text(encoding="utf-8").splitlines()[::140][:n]
-
-
-@pytest.fixture(scope="module")
-def lines() -> dict[str, list[str]]:
-    return {lang: _head(DATA / "train" / f"train.{lang}") for lang in ("en", "ro", "origin")}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, lines) -> Path:
-    """A tiny plain-text corpus prefix: corpus.en, corpus.ro, corpus.origin."""
-    root = tmp_path_factory.mktemp("corpus")
-    for lang, text in lines.items():
-        (root / f"corpus.{lang}").write_text("\n".join(text) + "\n", encoding="utf-8")
-    return root / "corpus"
-
 
 @pytest.fixture(scope="module")
 def module_dirs(tmp_path_factory):

@@ -26,13 +26,7 @@ PAD, BOS, EOS = 0, 2, 3
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls on a shared 2-core machine: thread hand-offs cost more than the work.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(attention: str = "diff", seed: int = 0, vocab: int = VOCAB) -> Seq2SeqTransformer:

@@ -8,63 +8,13 @@ and layout exactly.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
 
 from seq2seq_diff.errors import ConfigError
-from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
 from seq2seq_diff.segment import segment_document
-from seq2seq_diff.tokenizer import train_tokenizer
 from seq2seq_diff.translator import TranslationStats, Translator, make_batches
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _train_dir() -> Path:
-    for root in (REPO / "data/en-ro/train", Path("/work/shared/data/en-ro/train")):
-        if (root / "train.en").is_file():
-            return root
-    pytest.skip("bundled En-Ro training data not found")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def english() -> list[str]:
-    with open(_train_dir() / "train.en", encoding="utf-8") as f:
-        return [next(f).rstrip("\n") for _ in range(300)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory, english):
-    with open(_train_dir() / "train.ro", encoding="utf-8") as f:
-        romanian = [next(f).rstrip("\n") for _ in range(300)]
-    path = tmp_path_factory.mktemp("spm") / "spm.model"
-    return train_tokenizer(english + romanian, path, vocab_size=250, num_threads=1)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer) -> Seq2SeqTransformer:
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, num_heads=2,
-                      num_encoder_layers=1, num_decoder_layers=1, ffn_dim=64, dropout=0.0,
-                      tie_embeddings=False)
-    return Seq2SeqTransformer(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, model, tokenizer) -> Path:
-    from seq2seq_diff.model_dir import save_model_dir
-
-    return save_model_dir(tmp_path_factory.mktemp("models") / "tiny", model, tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_translator(model, tokenizer, **options) -> Translator:
