@@ -112,11 +112,13 @@ def _build_cli_classes():
             parser.link_arguments("data.vocab_size", "model.config.vocab_size",
                                   apply_on="instantiate")
             parser.add_argument("--base", type=str | None, default=None,
-                                help="A config file this one extends (see configs/README).")
+                                help="In a config file: the config it extends (path relative "
+                                "to it); its keys come first, this file's override them.")
             parser.add_argument("--run_dir", type=str | None, default=None,
                                 help="Run directory: replaces trainer.default_root_dir, the "
                                 "loggers' save_dir and the checkpoint dirpath "
-                                "(<run_dir>/checkpoints).")
+                                "(<run_dir>/checkpoints) when the run starts (--print_config "
+                                "shows them before that).")
             parser.add_argument("--ckpt_path", type=str | None, default=None,
                                 help="Resume from this checkpoint, or 'last' for the newest "
                                 "last.ckpt of the run.")

@@ -350,7 +350,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         max_steps_reached = 0 <= trainer.max_steps <= trainer.global_step
         if (self.save_last and (max_steps_reached or trainer.should_stop)
-                and self._last_global_step_saved != trainer.global_step):
+                and not self._should_skip_saving_checkpoint(trainer)):
             saved_step = self._last_global_step_saved
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             # A validation may still run at this step: let its monitored checkpoint be saved.
@@ -360,7 +360,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Stopped some other way (e.g. early stopping between validations): better late.
         step = trainer.global_step
-        if (self.save_last and self._last_global_step_saved != step
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
                 and getattr(self, "_final_step_saved", None) != step):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)

@@ -12,6 +12,8 @@ from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
 from seq2seq_diff.model_dir import checkpoint_model_state, load_checkpoint, load_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tiny models: one thread is faster, and much faster beside a busy neighbour (conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_corpus(folder: Path, n_train: int = 300, n_dev: int = 40) -> Path:

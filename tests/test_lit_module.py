@@ -19,6 +19,8 @@ from seq2seq_diff.model import ModelConfig
 from seq2seq_diff.model_dir import CHECKPOINT_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
+# Tiny models: one thread is faster, and much faster beside a busy neighbour (conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_corpus(folder: Path, n_train: int, n_dev: int = 40) -> Path:
@@ -129,8 +131,13 @@ def test_validation_logs_bleu_chrf_and_signature(tmp_path, data, caplog):
     module = TranslationModule(tiny_config(data.vocab_size), warmup_steps=2, valid_bleu_size=12)
     trainer = make_trainer(tmp_path, max_steps=3, val_check_interval=3,
                            check_val_every_n_epoch=None, log_every_n_steps=1)
-    with caplog.at_level(logging.INFO, logger="seq2seq_diff.lit_module"):
-        trainer.fit(module, datamodule=data)
+    package = logging.getLogger("seq2seq_diff")  # the CLI may have stopped its propagation
+    package.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="seq2seq_diff.lit_module"):
+            trainer.fit(module, datamodule=data)
+    finally:
+        package.removeHandler(caplog.handler)
     metrics = trainer.callback_metrics
     for name in ("val_loss", "val_nll", "val_ppl", "val_bleu", "val_chrf", "train_loss", "tok_s"):
         assert name in metrics, name
