@@ -79,6 +79,8 @@ def peak_memory(args, kind: str, length: int) -> float:
     cmd = [sys.executable, __file__, "--child", kind, "--length", str(length),
            "--d-model", str(args.d_model), "--num-heads", str(args.num_heads),
            "--batch", str(args.batch), "--threads", str(args.threads)]
+    if args.max_explicit_scores is not None:
+        cmd += ["--max-explicit-scores", str(args.max_explicit_scores)]
     if args.causal:
         cmd.append("--causal")
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -96,17 +98,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--causal", action="store_true", help="causal instead of padded self-attn")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
+    parser.add_argument("--max-explicit-scores", type=int, default=None,
+                        help="DIFF kernel switch: 0 = always fused SDPA, a large number = always "
+                        "explicit maps (default: the module's own threshold)")
     parser.add_argument("--child", choices=list(KINDS), dest="kind", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.max_explicit_scores is not None:
+        MultiheadDiffAttention.max_explicit_scores = args.max_explicit_scores
     if args.kind:
         child(args)
         return
     print(f"torch {torch.__version__}, {args.threads} threads, d_model {args.d_model}, "
           f"{args.num_heads} diff heads vs {2 * args.num_heads} standard, batch {args.batch}, "
           f"{'causal' if args.causal else 'padded bidirectional'} self-attention, fwd+bwd, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats}, DIFF kernel switch at "
+          f"{MultiheadDiffAttention.max_explicit_scores} query×key pairs")
     print(f"{'T=S':>6} {'diff ms':>9} {'std ms':>9} {'ratio':>6} "
           f"{'diff MiB':>9} {'std MiB':>9} {'ratio':>6}")
     for length in args.lengths:

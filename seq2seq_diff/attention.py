@@ -179,7 +179,9 @@ class MultiheadDiffAttention(_Attention):
     linear in length. Both compute the same function (tests check each against the formula).
     """
 
-    max_explicit_scores: int = 256 * 256
+    # Measured crossover on 2 CPU cores (benchmarks/attention.py --max-explicit-scores): explicit
+    # maps win up to T=S=64, fused SDPA from 128 on.
+    max_explicit_scores: int = 100 * 100
 
     def __init__(self, d_model: int, num_heads: int, layer_index: int, dropout: float = 0.0):
         super().__init__(d_model, num_heads, dropout)
