@@ -1,5 +1,6 @@
 """Shared test setup: offline hub, deterministic seeds, few threads."""
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -15,6 +16,20 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+_PACKAGE_LOGGER = logging.getLogger("seq2seq_diff")
+_PRISTINE_LOGGER = (list(_PACKAGE_LOGGER.handlers), _PACKAGE_LOGGER.propagate,
+                    _PACKAGE_LOGGER.level)
+
+
+@pytest.fixture(autouse=True)
+def _package_logger():
+    """Undo what an in-process `cli.main` call (in a test or a module fixture) does to the
+    package logger (its own handler, propagate=False), so later tests' caplog sees our records."""
+    yield
+    _PACKAGE_LOGGER.handlers[:], _PACKAGE_LOGGER.propagate, _PACKAGE_LOGGER.level = (
+        list(_PRISTINE_LOGGER[0]), *_PRISTINE_LOGGER[1:])
 
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "en-ro"

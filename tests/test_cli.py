@@ -74,10 +74,12 @@ def write_config(path: Path, config: dict) -> str:
 
 
 def one_error_line(capsys) -> str:
+    """The error is one line, the last; anything before it is a log record; no traceback."""
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    assert err[0].startswith("error: ")
-    return err[0]
+    assert err and err[-1].startswith("error: "), err
+    assert all(line.startswith(("INFO ", "WARNING ")) for line in err[:-1]), err
+    assert not any("Traceback" in line for line in err), err
+    return err[-1]
 
 
 @pytest.fixture(scope="module")
