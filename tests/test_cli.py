@@ -6,25 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import write_corpus
 
 from seq2seq_diff.cli import COMMANDS, expand_config_bases, main
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
 from seq2seq_diff.model_dir import checkpoint_model_state, load_checkpoint, load_model_dir
 
-ROOT = Path(__file__).resolve().parents[1]
 # Tiny models: one thread is faster, and much faster beside a busy neighbour (conftest).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_corpus(folder: Path, n_train: int = 300, n_dev: int = 40) -> Path:
-    """The first lines of the bundled train and dev sets as a small corpus."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, source, n in (("train", "train/train", n_train), ("dev", "dev/newsdev2016", n_dev)):
-        for lang in ("en", "ro"):
-            with open(ROOT / "data" / "en-ro" / f"{source}.{lang}", encoding="utf-8") as f:
-                lines = [next(f) for _ in range(n)]
-            (folder / f"{name}.{lang}").write_text("".join(lines), encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")

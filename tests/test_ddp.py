@@ -12,18 +12,9 @@ from pathlib import Path
 
 import torch
 import yaml
+from helpers import write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def write_corpus(folder: Path, n_train: int = 300, n_dev: int = 40) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, source, n in (("train", "train/train", n_train), ("dev", "dev/newsdev2016", n_dev)):
-        for lang in ("en", "ro"):
-            with open(ROOT / "data" / "en-ro" / f"{source}.{lang}", encoding="utf-8") as f:
-                lines = [next(f) for _ in range(n)]
-            (folder / f"{name}.{lang}").write_text("".join(lines), encoding="utf-8")
-    return folder
 
 
 def test_two_process_ddp_trains_and_exports(tmp_path):

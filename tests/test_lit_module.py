@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import write_corpus
 
 from seq2seq_diff.data import TranslationDataModule
 from seq2seq_diff.errors import ConfigError
@@ -18,20 +19,8 @@ from seq2seq_diff.lit_module import (
 from seq2seq_diff.model import ModelConfig
 from seq2seq_diff.model_dir import CHECKPOINT_KEY
 
-ROOT = Path(__file__).resolve().parents[1]
 # Tiny models: one thread is faster, and much faster beside a busy neighbour (conftest).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_corpus(folder: Path, n_train: int, n_dev: int = 40) -> Path:
-    """The first lines of the bundled train and dev sets as a small corpus."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, source, n in (("train", "train/train", n_train), ("dev", "dev/newsdev2016", n_dev)):
-        for lang in ("en", "ro"):
-            with open(ROOT / "data" / "en-ro" / f"{source}.{lang}", encoding="utf-8") as f:
-                lines = [next(f) for _ in range(n)]
-            (folder / f"{name}.{lang}").write_text("".join(lines), encoding="utf-8")
-    return folder
 
 
 def make_data(tmp: Path, n_train: int = 300, max_tokens: int = 400) -> TranslationDataModule:
