@@ -173,6 +173,45 @@ def tokenize_pairs(
     )
 
 
+def _context_batch(batch: dict[str, list], indices: list[int], tokens: datasets.Dataset,
+                   context: int, sep_id: int) -> dict[str, list]:
+    start = max(0, indices[0] - context)
+    window = tokens[start : indices[0]]["src_ids"] + batch["src_ids"]  # rows before + this batch
+    offset = indices[0] - start
+    src_ids = []
+    for n, ids in enumerate(batch["src_ids"]):
+        position = offset + n
+        previous = window[max(0, position - context) : position]
+        src_ids.append([t for prev in previous for t in (*prev, sep_id)] + list(ids))
+    return {"src_ids": src_ids, "src_len": [len(ids) + 1 for ids in src_ids]}
+
+
+def add_context(tokens: datasets.Dataset, context: int, sep_id: int, cache_dir: str | Path,
+                ) -> datasets.Dataset:
+    """Prepend to each source the ``context`` previous sources, each closed by ``sep_id``.
+
+    Document-context training (concatenation, Tiedemann & Scherrer 2017, "2-to-1"): the corpus
+    is read as consecutive segments of documents in file order (the bundled GIMP lines are in
+    page order), so segment i is translated with segments i-k..i-1 before it; the target is
+    unchanged. Rows near the start get fewer. Run before :func:`filter_pairs`, so ``max_len``
+    bounds the source with its context. Cached under ``cache_dir``.
+    """
+    if context <= 0:
+        return tokens
+    key = _hash(CACHE_VERSION, tokens._fingerprint, "context", context, sep_id)
+    return tokens.map(
+        _context_batch,
+        batched=True,
+        with_indices=True,
+        fn_kwargs={"tokens": tokens, "context": context, "sep_id": sep_id},
+        features=tokens.features,
+        cache_file_name=str(Path(cache_dir) / f"context-{key}.arrow"),
+        load_from_cache_file=True,
+        new_fingerprint=key,
+        desc="Adding context",
+    )
+
+
 @dataclass
 class FilterStats:
     """How many pairs a filter saw, kept and dropped, and why."""

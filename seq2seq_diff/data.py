@@ -19,7 +19,14 @@ import datasets
 import lightning as L
 import torch
 
-from seq2seq_diff.arrow import CACHE_VERSION, FilterStats, filter_pairs, load_pairs, tokenize_pairs
+from seq2seq_diff.arrow import (
+    CACHE_VERSION,
+    FilterStats,
+    add_context,
+    filter_pairs,
+    load_pairs,
+    tokenize_pairs,
+)
 from seq2seq_diff.batching import BatchLoader, TokenBatchSampler, collate
 from seq2seq_diff.corpus import FORMATS, iter_pairs, resolve_source
 from seq2seq_diff.errors import ConfigError, ModelDirError
@@ -63,6 +70,9 @@ class TranslationDataModule(L.LightningDataModule):
         max_len_ratio: Most ``longer / shorter`` length ratio of a training pair.
         valid_size: Use only the first N validation pairs (None: all).
         origins: Keep only training lines whose ``.origin`` tag is listed (None: all).
+        context: Document-context training: each source gets the previous ``context``
+            segments of its corpus (file order), each closed by eos
+            (:func:`seq2seq_diff.arrow.add_context`); 0 = sentence-level.
         seed: Seed of tokenizer training and of batch shuffling.
         num_workers: DataLoader worker processes.
         cache_dir: Where Arrow caches go (default ``~/.cache/seq2seq_diff``).
@@ -88,6 +98,7 @@ class TranslationDataModule(L.LightningDataModule):
         max_len_ratio: float = 3.0,
         valid_size: int | None = None,
         origins: list[str] | None = None,
+        context: int = 0,
         seed: int = 0,
         num_workers: int = 0,
         cache_dir: str | None = None,
@@ -185,6 +196,8 @@ class TranslationDataModule(L.LightningDataModule):
             name=f"{split} ({spec})",
         )
         self.stats[split] = stats
+        # After the per-pair filters: max_len and the length ratio are about the pair itself.
+        ds = add_context(ds, h.context, self.tokenizer.eos_id, self.cache_dir / "tokens")
         columns = ["src_ids", "tgt_ids"] + ([] if train else ["src_text", "tgt_text"])
         return ds.select_columns(columns + ["src_len", "tgt_len"])
 
@@ -265,6 +278,8 @@ def _check_config(h: Any) -> None:
         raise ConfigError(f"valid_size must be positive or null, got {h.valid_size}")
     if h.num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0, got {h.num_workers}")
+    if h.context < 0:
+        raise ConfigError(f"context must be >= 0 segments, got {h.context}")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

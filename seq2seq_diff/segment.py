@@ -379,17 +379,22 @@ class SegmentedDocument:
         return "".join(parts)
 
     def context(self, unit_index: int, k: int) -> str:
-        """The previous ``k`` source sentences of the same paragraph, for a context-aware model.
+        """The previous ``k`` source sentences of the same paragraph, joined with spaces.
+
+        See :meth:`context_sentences`; "" at a paragraph start.
+        """
+        return " ".join(self.context_sentences(unit_index, k))
+
+    def context_sentences(self, unit_index: int, k: int) -> list[str]:
+        """The previous ``k`` source sentences of the same paragraph, oldest first.
 
         Sentences on earlier lines of the paragraph count; earlier chunks of the unit's own
-        sentence do not (they are not a previous sentence).
+        sentence do not (they are not a previous sentence). A context-aware model translates a
+        unit with these before it.
 
         Args:
             unit_index: Index into ``self.units``.
-            k: How many sentences to return at most; 0 gives "".
-
-        Returns:
-            The sentences joined with single spaces, oldest first; "" at a paragraph start.
+            k: How many sentences to return at most; 0 gives [].
         """
         unit = self.units[unit_index]
         sentences: list[str] = []
@@ -397,7 +402,7 @@ class SegmentedDocument:
         while i >= 0 and len(sentences) < k and self.units[i].paragraph == unit.paragraph:
             sentences.append(self.sentence_text(i))
             i -= self.units[i].chunk + 1
-        return " ".join(reversed(sentences))
+        return sentences[::-1]
 
 
 def _sentences(line: str, lang: str, summary: SegmentSummary) -> list[str]:

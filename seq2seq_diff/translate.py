@@ -185,7 +185,7 @@ def _settings(translator: Translator, mode: str) -> dict[str, Any]:
             "max_sentence_tokens": translator.max_sentence_tokens,
             "max_len_a": translator.max_len_a, "max_len_b": translator.max_len_b,
             "n_best": translator.n_best, "lang": translator.lang,
-            "tokenizer": translator.tokenizer.fingerprint}
+            "context": translator.context, "tokenizer": translator.tokenizer.fingerprint}
 
 
 def _read_progress(path: Path, output: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -398,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lang", default=None,
                         help="source language for sentence splitting (default: the model's "
                              "src_lang, else en)")
+    parser.add_argument("--context", type=int, default=None, metavar="K",
+                        help="document mode: give a document-context model the previous K "
+                             "sentences of the paragraph (default: the model's data.context, "
+                             "else 0; in line mode each line is its own paragraph)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run into the same --output")
     parser.add_argument("--errors", choices=("strict", "replace"), default="strict",
@@ -418,9 +422,8 @@ def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     options = dict(beam_size=args.beam_size, length_penalty=args.length_penalty,
                    max_tokens=args.max_tokens, max_sentence_tokens=args.max_sentence_tokens,
-                   max_len_a=args.max_len_a, max_len_b=args.max_len_b, n_best=args.n_best)
-    if args.lang is not None:
-        options["lang"] = args.lang
+                   max_len_a=args.max_len_a, max_len_b=args.max_len_b, n_best=args.n_best,
+                   lang=args.lang, context=args.context)  # None: the model's training setting
     translator = Translator.from_pretrained(args.model, device=args.device, **options)
     if args.n_best > 1:
         stats = _write_nbest(translator, args)

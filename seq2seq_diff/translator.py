@@ -167,6 +167,8 @@ class Translator:
         max_len_b: Output length cap intercept.
         n_best: Hypotheses kept per unit (``translate_nbest``).
         lang: Source language code for sentence splitting (sentencex).
+        context: Previous sentences of the paragraph given to a document-context model before
+            each unit, each closed by eos, as in its training (``data.context``); 0 = none.
         device: Where the model runs.
     """
 
@@ -182,6 +184,7 @@ class Translator:
         max_len_b: int = 10,
         n_best: int = 1,
         lang: str = "en",
+        context: int = 0,
         device: str | torch.device = "cpu",
     ):
         if beam_size < 1:
@@ -192,6 +195,8 @@ class Translator:
         if max_tokens < 1 or max_sentence_tokens < 1:
             raise ConfigError("max_tokens and max_sentence_tokens must be >= 1, got "
                               f"{max_tokens} and {max_sentence_tokens}")
+        if context < 0:
+            raise ConfigError(f"context must be >= 0 sentences, got {context}")
         if model.config.vocab_size != tokenizer.vocab_size:
             raise ConfigError(f"model vocabulary ({model.config.vocab_size}) and tokenizer "
                               f"({tokenizer.vocab_size}) differ: use the spm.model it was "
@@ -207,6 +212,7 @@ class Translator:
         self.max_len_b = max_len_b
         self.n_best = n_best
         self.lang = lang
+        self.context = context
         self._ids: dict[str, list[int]] = {}
 
     @classmethod
@@ -214,15 +220,18 @@ class Translator:
                         **options: Any) -> Translator:
         """Load a model directory (``model_dir.load_model_dir``) and wrap it.
 
-        ``lang`` defaults to the ``src_lang`` of the directory's training config, if any.
+        ``lang`` and ``context`` default to the directory's training config (``src_lang``,
+        ``context``), if it has them.
         """
         from seq2seq_diff.model_dir import load_model_dir
 
         model, tokenizer = load_model_dir(model_dir, device=device)
-        if "lang" not in options:
-            lang = _source_lang(Path(model_dir))
-            if lang:
-                options["lang"] = lang
+        for option, key, kind in (("lang", "src_lang", str), ("context", "context", int)):
+            if options.get(option) is None:
+                options.pop(option, None)
+                value = _training_setting(Path(model_dir), key, kind)
+                if value is not None:
+                    options[option] = value
         return cls(model, tokenizer, device=device, **options)
 
     # -- public API ---------------------------------------------------------------------------
@@ -299,16 +308,27 @@ class Translator:
 
     def _translate_units(self, doc: SegmentedDocument, stats: TranslationStats | None,
                          progress: ProgressHook | None = None) -> list[str]:
-        hyps = self._search_units([u.text for u in doc.units], stats, progress)
+        contexts = None
+        if self.context:
+            contexts = [doc.context_sentences(i, self.context) for i in range(len(doc.units))]
+        hyps = self._search_units([u.text for u in doc.units], stats, progress, contexts)
         return [h[0][0] for h in hyps]
 
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of each text plus eos, reusing the ids counted during segmentation."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._ids]
+    def _encode(self, texts: Sequence[str],
+                contexts: Sequence[Sequence[str]] | None = None) -> list[list[int]]:
+        """Ids of each text plus eos, after its context sentences each closed by eos.
+
+        Reuses the ids counted during segmentation.
+        """
+        wanted = [*texts, *(c for sentences in contexts or () for c in sentences)]
+        missing = [t for t in dict.fromkeys(wanted) if t not in self._ids]
         if missing:
             self._ids.update(zip(missing, self.tokenizer.encode(missing), strict=True))
         eos = self.tokenizer.eos_id
-        out = [[*self._ids[t], eos] for t in texts]
+        out = []
+        for n, text in enumerate(texts):
+            ids = [i for c in (contexts[n] if contexts else ()) for i in (*self._ids[c], eos)]
+            out.append([*ids, *self._ids[text], eos])
         self._ids.clear()  # memo lives for one call: memory stays flat on long streams
         return out
 
@@ -317,9 +337,10 @@ class Translator:
         texts: Sequence[str],
         stats: TranslationStats | None = None,
         progress: ProgressHook | None = None,
+        contexts: Sequence[Sequence[str]] | None = None,
     ) -> list[list[tuple[str, float]]]:
         """Search every unit; returns up to ``n_best`` (text, score) per unit, input order."""
-        ids = self._encode(texts)
+        ids = self._encode(texts, contexts)
         results: list[list[tuple[str, float]] | None] = [None] * len(ids)
         for batch in make_batches([len(x) for x in ids], self.max_tokens):
             rows = [ids[i] for i in batch]
@@ -355,8 +376,8 @@ class Translator:
         return [[(h.tokens, h.score) for h in hyps] for hyps in results]
 
 
-def _source_lang(model_dir: Path) -> str | None:
-    """``src_lang`` from a model directory's training config, wherever it is nested."""
+def _training_setting(model_dir: Path, key: str, kind: type) -> Any | None:
+    """The value of ``key`` in a model directory's training config, wherever it is nested."""
     path = model_dir / "training_config.yaml"
     if not path.is_file():
         return None
@@ -370,10 +391,9 @@ def _source_lang(model_dir: Path) -> str | None:
     while stack:
         node = stack.pop()
         if isinstance(node, dict):
-            if isinstance(node.get("src_lang"), str):
-                return node["src_lang"]
+            if isinstance(node.get(key), kind):
+                return node[key]
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
     return None
-

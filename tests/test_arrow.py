@@ -51,3 +51,22 @@ def test_tokens_cache_keyed_on_tokenizer(corpus, lines, tok, tmp_path):
     assert retok.cache_files != first.cache_files
     assert retok["src_ids"] == other.encode(pairs["src_text"])
     assert len(list((tmp_path / "tok").glob("tokens-*.arrow"))) == 2
+
+
+def test_add_context_prepends_previous_sources_across_map_batches(tmp_path):
+    import datasets
+
+    from seq2seq_diff.arrow import add_context
+
+    rows = [[10 + i] * (1 + i % 3) for i in range(2500)]  # > one map batch of 1000 rows
+    tokens = datasets.Dataset.from_dict({
+        "src_ids": rows, "tgt_ids": [[7]] * len(rows), "src_len": [len(r) + 1 for r in rows],
+        "tgt_len": [2] * len(rows)})
+    assert add_context(tokens, 0, 3, tmp_path) is tokens
+    for k in (1, 2):
+        with_context = add_context(tokens, k, 3, tmp_path)
+        for i in (0, 1, 2, 999, 1000, 1001, 2000, 2499):  # batch starts and ends included
+            expected = [t for prev in rows[max(0, i - k):i] for t in (*prev, 3)] + rows[i]
+            assert with_context[i]["src_ids"] == expected
+            assert with_context[i]["src_len"] == len(expected) + 1
+            assert with_context[i]["tgt_ids"] == [7]  # targets untouched

@@ -106,3 +106,18 @@ def test_lightning_resumes_mid_epoch(corpus, module_dirs, tmp_path):
                                             ckpt_path=str(tmp_path / "step=3.ckpt"))
     assert resumed.seen == full.seen[3:]
     assert full.validated > 0
+
+
+def test_data_module_context_prepends_the_previous_segment(corpus, module_dirs):
+    plain = _module(corpus, module_dirs, valid_size=20)
+    plain.setup("fit")
+    with_context = _module(corpus, module_dirs, valid_size=20, context=1)
+    with_context.setup("fit")
+    eos = plain.tokenizer.eos_id
+    for split in ("train", "valid"):
+        rows, ctx = plain.datasets[split]["src_ids"], with_context.datasets[split]["src_ids"]
+        assert ctx[0] == rows[0]
+        assert all(ctx[i] == rows[i - 1] + [eos] + rows[i] for i in range(1, len(rows)))
+        assert with_context.datasets[split]["tgt_ids"] == plain.datasets[split]["tgt_ids"]
+    with pytest.raises(ConfigError, match="context"):
+        _module(corpus, module_dirs, context=-1)

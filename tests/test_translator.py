@@ -154,3 +154,32 @@ def test_from_pretrained_matches_direct(model_dir, model, tokenizer, english):
     with pytest.raises(ConfigError):
         Translator.from_pretrained(model_dir, beam_size=2, n_best=3)
 
+
+
+def test_context_sentences_precede_each_unit_closed_by_eos(model, tokenizer):
+    translator = make_translator(model, tokenizer, context=1)
+    doc = segment_document("The cat sat down. The dog ran off.\nBirds sing.\n\nA new page.", "en",
+                           200, translator.count_tokens)
+    texts = [u.text for u in doc.units]
+    contexts = [doc.context_sentences(i, 1) for i in range(len(texts))]
+    assert contexts == [[], ["The cat sat down."], ["The dog ran off."], []]  # per paragraph
+    ids = translator._encode(texts, contexts)
+    eos = tokenizer.eos_id
+    enc = tokenizer.encode
+    assert ids[0] == enc([texts[0]])[0] + [eos]
+    assert ids[2] == enc(["The dog ran off."])[0] + [eos] + enc([texts[2]])[0] + [eos]
+    assert ids[3] == enc([texts[3]])[0] + [eos]  # no context across paragraphs
+    out = translator.translate_document("The cat sat down. The dog ran off.\nBirds sing.\n\nNew.")
+    assert out.count("\n") == 3 and out.split("\n")[2] == ""  # layout kept with context
+
+
+def test_from_pretrained_takes_context_from_training_config(tmp_path, model, tokenizer):
+    from seq2seq_diff.model_dir import save_model_dir
+
+    path = save_model_dir(tmp_path / "ctx", model, tokenizer,
+                          training_config={"data": {"src_lang": "en", "context": 2}})
+    assert Translator.from_pretrained(path).context == 2
+    assert Translator.from_pretrained(path, context=0).context == 0
+    assert Translator.from_pretrained(path, context=None).context == 2
+    with pytest.raises(ConfigError, match="context"):
+        make_translator(model, tokenizer, context=-1)
