@@ -30,7 +30,6 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from sacrebleu.metrics import BLEU, CHRF
 from torch import Tensor, nn
@@ -171,12 +170,14 @@ class TranslationModule(L.LightningModule):
         logits = self.model(batch["src"], batch["tgt_in"])  # (B, T, V)
         logits = logits.float().flatten(0, 1)  # (B*T, V); loss in float32 under bf16
         target = batch["tgt_out"].flatten()  # (B*T,)
-        pad = self.config.pad_id
-        loss = F.cross_entropy(logits, target, ignore_index=pad,
-                               label_smoothing=self.hparams.label_smoothing, reduction="sum")
-        with torch.no_grad():
-            nll = F.cross_entropy(logits, target, ignore_index=pad, reduction="sum")
-        return loss, nll, (target != pad).sum()
+        keep = target != self.config.pad_id
+        # One log-softmax serves both: label smoothing as in F.cross_entropy, (1 − ε)·NLL plus
+        # ε·mean over the vocabulary of −log p.
+        logp = logits.log_softmax(dim=-1)
+        nll = -logp.gather(1, target[:, None]).squeeze(1)  # (B*T,)
+        eps = self.hparams.label_smoothing
+        loss = ((1.0 - eps) * nll - eps * logp.mean(dim=-1))[keep].sum()
+        return loss, nll[keep].sum().detach(), keep.sum()
 
     # -- training -----------------------------------------------------------------------------
 

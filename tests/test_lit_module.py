@@ -106,6 +106,12 @@ def test_loss_ignores_padding_and_counts_tokens():
     loss0, nll0, _ = plain._loss(_batch())
     assert torch.allclose(loss0, nll0)
     assert math.isclose(nll0.item() / 8, nll.item() / 8, rel_tol=1e-6)
+    # The one-log-softmax loss equals torch's label-smoothed cross-entropy.
+    batch = _batch(extra_pad=3)
+    logits = module.model(batch["src"], batch["tgt_in"]).flatten(0, 1)
+    reference = torch.nn.functional.cross_entropy(
+        logits, batch["tgt_out"].flatten(), ignore_index=0, label_smoothing=0.1, reduction="sum")
+    assert torch.allclose(loss_padded, reference, rtol=1e-5)
 
 
 # -- with a Trainer ---------------------------------------------------------------------------
