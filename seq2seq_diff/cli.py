@@ -260,6 +260,18 @@ def _data_section(config_path: str) -> dict[str, Any]:
     return data
 
 
+def build_datamodule(config_path: str):
+    """The ``TranslationDataModule`` of a training config (its tokenizer trained or reused)."""
+    from jsonargparse import ArgumentParser
+
+    from seq2seq_diff.data import TranslationDataModule
+
+    data_parser = ArgumentParser(exit_on_error=False)
+    data_parser.add_class_arguments(TranslationDataModule, "data")
+    parsed = data_parser.parse_object({"data": _data_section(config_path)})
+    return data_parser.instantiate_classes(parsed).data
+
+
 def train_tokenizer_main(argv: list[str]) -> int:
     """``train-tokenizer``: only the SentencePiece model, from a data config or text files."""
     parser = argparse.ArgumentParser(
@@ -290,14 +302,7 @@ def train_tokenizer_main(argv: list[str]) -> int:
             normalize_romanian=not args.no_normalize_romanian, seed=args.seed)
         path = Path(args.output)
     else:
-        from jsonargparse import ArgumentParser
-
-        from seq2seq_diff.data import TranslationDataModule
-
-        data_parser = ArgumentParser(exit_on_error=False)
-        data_parser.add_class_arguments(TranslationDataModule, "data")
-        parsed = data_parser.parse_object({"data": _data_section(args.config)})
-        datamodule = data_parser.instantiate_classes(parsed).data  # trains or reuses
+        datamodule = build_datamodule(args.config)  # trains or reuses the tokenizer
         tokenizer = datamodule.tokenizer
         path = datamodule.work_dir / "spm.model"
         if args.output:

@@ -1,0 +1,287 @@
+"""Speed side by side with the peers: our DIFF model, our standard twin, HF MarianMT, CTranslate2.
+
+All engines get the same dimensions (random weights), the same batch of random source sentences
+and exactly the same number of output tokens (eos banned before, forced at ``--out-len``), and
+run interleaved in one process: medians over ``--repeats`` timed runs after a warm-up. Printed:
+training tokens/s (source + target, forward + backward + AdamW step) and decoding output
+tokens/s (greedy and beam), each with its ratio to HF. Peers come with ``pip install -e .[bench]``
+(transformers, ctranslate2); an engine whose package is missing is skipped.
+
+Our SwiGLU feed-forward has three matrices, HF's ReLU/SiLU two: ``--ffn-dim`` is HF's width and
+ours is 2/3 of it (rounded up to 8), so the parameters and FLOPs match.
+
+    python benchmarks/peers.py                       # d_model 256, 3+3 (ANCHORS.md)
+    python benchmarks/peers.py --d-model 512 --layers 6 --heads 8 --ffn-dim 2048 --repeats 5
+    python benchmarks/peers.py --device cuda --dtype bfloat16 --batch 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+
+from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer  # noqa: E402
+from seq2seq_diff.search import beam_search, greedy_search  # noqa: E402
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+
+
+def ours(kind: str, args) -> Seq2SeqTransformer:
+    ffn = -(-2 * args.ffn_dim // 3 // 8) * 8
+    config = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, num_heads=args.heads,
+                         num_encoder_layers=args.layers, num_decoder_layers=args.layers,
+                         ffn_dim=ffn, dropout=0.1, attention=kind)
+    return Seq2SeqTransformer(config)
+
+
+def marian(args):
+    from transformers import MarianConfig, MarianMTModel
+
+    # Laid out as real Marian models: <pad> appended as the last id (CTranslate2 expects it).
+    config = MarianConfig(
+        vocab_size=args.vocab + 1, decoder_vocab_size=args.vocab + 1, d_model=args.d_model,
+        encoder_layers=args.layers, decoder_layers=args.layers,
+        encoder_attention_heads=args.heads, decoder_attention_heads=args.heads,
+        encoder_ffn_dim=args.ffn_dim, decoder_ffn_dim=args.ffn_dim, dropout=0.1,
+        max_position_embeddings=512, pad_token_id=args.vocab, eos_token_id=EOS,
+        decoder_start_token_id=args.vocab, forced_eos_token_id=None, bad_words_ids=None,
+        share_encoder_decoder_embeddings=True, tie_word_embeddings=True)
+    return MarianMTModel(config)
+
+
+def ctranslate2_dir(model, args, out: Path) -> Path:
+    """Convert the HF model with CTranslate2's own converter (a Marian tokenizer is needed)."""
+    import json
+
+    import sentencepiece as spm
+    from ctranslate2.converters import TransformersConverter
+    from transformers import MarianTokenizer
+
+    hf_dir = out / "hf"
+    model.save_pretrained(hf_dir)
+    spm_path = out / "spm.model"
+    text = out / "corpus.txt"
+    text.write_text((ROOT / "data/en-ro/train/train.en").read_text(encoding="utf-8"))
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out / "spm"),
+                                   vocab_size=args.vocab, pad_id=PAD, unk_id=UNK, bos_id=BOS,
+                                   eos_id=EOS, minloglevel=2, input_sentence_size=100000)
+    processor = spm.SentencePieceProcessor(model_file=str(spm_path))
+    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+    vocab = {("<pad0>" if piece == "<pad>" else piece): i for piece, i in vocab.items()}
+    vocab["<pad>"] = args.vocab
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = MarianTokenizer(str(spm_path), str(spm_path), str(out / "vocab.json"),
+                                eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tokenizer.save_pretrained(hf_dir)
+    ct2_dir = out / "ct2"
+    TransformersConverter(str(hf_dir)).convert(str(ct2_dir), force=True)
+    return ct2_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# workloads
+# ---------------------------------------------------------------------------------------------
+
+
+def make_batch(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randint(4, args.vocab, (args.batch, args.src_len), generator=generator)
+    src[:, -1] = EOS
+    tgt = torch.randint(4, args.vocab, (args.batch, args.out_len + 1), generator=generator)
+    tgt[:, 0], tgt[:, -1] = BOS, EOS
+    return src, tgt[:, :-1], tgt[:, 1:]
+
+
+def train_step_fn(name: str, model, args) -> Callable[[], None]:
+    src, tgt_in, tgt_out = (t.to(args.device) for t in make_batch(args))
+    model.to(args.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = (torch.autocast(args.device, dtype=getattr(torch, args.dtype))
+                if args.dtype != "float32" else contextlib.nullcontext())
+    if name == "hf":
+        mask = torch.ones_like(src, dtype=torch.bool)
+
+        def logits() -> torch.Tensor:
+            return model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt_in).logits
+    else:
+        def logits() -> torch.Tensor:
+            return model(src, tgt_in)
+
+    def step() -> None:
+        with autocast:
+            out = logits()
+            loss = F.cross_entropy(out.float().flatten(0, 1), tgt_out.flatten(),
+                                   label_smoothing=0.1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def decode_fn(name: str, model, args, beam: int) -> Callable[[], None]:
+    src = make_batch(args)[0].to(args.device)
+    mask = torch.ones_like(src, dtype=torch.bool)
+    model.to(args.device).eval()
+    if args.dtype != "float32":
+        model.to(getattr(torch, args.dtype))
+    n = args.out_len
+    if name == "hf":
+        def run() -> None:
+            with torch.inference_mode():
+                out = model.generate(input_ids=src, attention_mask=mask, num_beams=beam,
+                                     do_sample=False, min_new_tokens=n, max_new_tokens=n,
+                                     length_penalty=1.0,
+                                     **({"early_stopping": True} if beam > 1 else {}))
+            assert out.shape[1] >= n, out.shape
+    elif beam == 1:
+        def run() -> None:
+            out = greedy_search(model, src, mask, max_len_a=0.0, max_len_b=n, min_len=n)
+            assert all(len(o) == n for o in out)
+    else:
+        def run() -> None:
+            out = beam_search(model, src, mask, beam_size=beam, max_len_a=0.0, max_len_b=n,
+                              min_len=n)
+            assert all(len(h[0].tokens) == n for h in out)
+    return run
+
+
+def ct2_decode_fn(translator, args, beam: int, max_batch_size: int) -> Callable[[], None]:
+    src = make_batch(args)[0]
+    tokens = [[translator.pieces[i] for i in row] for row in src.tolist()]
+    n = args.out_len
+
+    def run() -> None:
+        out = translator.engine.translate_batch(
+            tokens, beam_size=beam, min_decoding_length=n, max_decoding_length=n,
+            max_batch_size=max_batch_size, length_penalty=1.0)
+        assert all(len(o.hypotheses[0]) == n for o in out), [len(o.hypotheses[0]) for o in out]
+    return run
+
+
+def timed(fn: Callable[[], None], sync: bool) -> float:
+    if sync:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def race(label: str, fns: dict[str, Callable[[], None]], work: float, unit: str, args) -> None:
+    """Time ``fns`` interleaved: a warm-up, then ``args.repeats`` rounds; print medians."""
+    sync = args.device.startswith("cuda")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(args.repeats + args.warmup):
+        for name, fn in fns.items():
+            seconds = timed(fn, sync)
+            if round_ >= args.warmup:
+                times[name].append(seconds)
+    base = statistics.median(times["hf"]) if "hf" in times else None
+    print(f"\n{label} ({unit}; median of {args.repeats}, min..max in brackets)")
+    for name, values in times.items():
+        median = statistics.median(values)
+        ratio = f"{base / median:5.2f}x HF" if base else ""
+        print(f"  {name:<26} {work / median:>9,.0f}  [{work / max(values):,.0f}.."
+              f"{work / min(values):,.0f}]  {ratio}", flush=True)
+
+
+class CT2:
+    def __init__(self, path: Path, args, compute_type: str, inter: int, intra: int) -> None:
+        import ctranslate2
+
+        self.engine = ctranslate2.Translator(str(path), device=args.device.split(":")[0],
+                                             compute_type=compute_type,
+                                             inter_threads=inter, intra_threads=intra)
+        vocab = (path / "shared_vocabulary.json")
+        import json
+
+        self.pieces = json.loads(vocab.read_text()) if vocab.exists() else [
+            line.rstrip("\n") for line in (path / "shared_vocabulary.txt").open()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--heads", type=int, default=4, help="HF heads = our DIFF heads")
+    parser.add_argument("--ffn-dim", type=int, default=1024, help="HF width (ours: 2/3 of it)")
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--src-len", type=int, default=30)
+    parser.add_argument("--out-len", type=int, default=30)
+    parser.add_argument("--beams", type=int, nargs="+", default=[5, 1])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--no-train", dest="train", action="store_false")
+    parser.add_argument("--no-decode", dest="decode", action="store_false")
+    parser.add_argument("--no-ct2", dest="ct2", action="store_false")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models: dict[str, torch.nn.Module] = {"ours diff": ours("diff", args),
+                                          "ours standard": ours("standard", args)}
+    try:
+        models["hf"] = marian(args)
+    except ImportError:
+        print("transformers is not installed: no HF MarianMT (pip install -e .[bench])")
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    print(f"d_model {args.d_model}, {args.layers}+{args.layers} layers, {args.heads} heads, "
+          f"FFN {args.ffn_dim}, vocab {args.vocab}; batch {args.batch} x {args.src_len} source "
+          f"tokens, {args.out_len} output tokens; {args.threads} threads, {args.device} "
+          f"{args.dtype}; torch {torch.__version__}")
+    print("parameters: " + ", ".join(f"{n} {p / 1e6:.2f}M" for n, p in params.items()))
+    if args.train:
+        fns = {name: train_step_fn(name if name == "hf" else "ours", m, args)
+               for name, m in models.items()}
+        race("training", fns, args.batch * (args.src_len + args.out_len), "tokens/s", args)
+    if not args.decode:
+        return
+    engines: dict[str, CT2] = {}
+    if args.ct2 and "hf" in models:
+        try:
+            import ctranslate2  # noqa: F401
+
+            tmp = Path(tempfile.mkdtemp(prefix="ct2-"))
+            path = ctranslate2_dir(models["hf"], args, tmp)
+            threads = args.threads
+            for compute in ("float32", "int8"):
+                engines[f"ct2 {compute} intra{threads}"] = CT2(path, args, compute, 1, threads)
+                if threads > 1:
+                    engines[f"ct2 {compute} inter{threads}"] = CT2(path, args, compute,
+                                                                   threads, 1)
+        except ImportError:
+            print("ctranslate2 is not installed: no CTranslate2 (pip install -e .[bench])")
+    for beam in args.beams:
+        fns = {name: decode_fn(name if name == "hf" else "ours", m, args, beam)
+               for name, m in models.items()}
+        for name, engine in engines.items():
+            split = args.batch // args.threads if "inter" in name else args.batch
+            fns[name] = ct2_decode_fn(engine, args, beam, split)
+        label = "greedy" if beam == 1 else f"beam {beam}"
+        race(f"decoding, {label}", fns, args.batch * args.out_len, "output tokens/s", args)
+
+
+if __name__ == "__main__":
+    main()
