@@ -146,10 +146,15 @@ def run_one(config: str, seed: int, args: argparse.Namespace) -> dict:
     if done.returncode:
         return {"config": config, "seed": seed, "error": f"evaluation failed, see {log_path}"}
     curve = learning_curve(run_dir)
-    return {"config": config, "kind": kind, "seed": seed, "train_seconds": round(seconds, 1),
-            "steps": int(curve[-1]["step"]) + 1 if curve else None,
-            "tok_s": train_throughput(run_dir), "parameters": parameter_count(run_dir / "model"),
-            "scores": json.loads(score_path.read_text()), "curve": curve}
+    result = {"config": config, "kind": kind, "seed": seed, "train_seconds": round(seconds, 1),
+              "steps": args.max_steps, "tok_s": train_throughput(run_dir),
+              "parameters": parameter_count(run_dir / "model"),
+              "exported_step": json.loads((run_dir / "model/metadata.json").read_text()).get(
+                  "global_step"),
+              "scores": json.loads(score_path.read_text()), "curve": curve}
+    with (Path(args.out) / "runs.jsonl").open("a") as handle:  # kept if the sweep is cut short
+        handle.write(json.dumps(result) + "\n")
+    return result
 
 
 def summarize(runs: list[dict], beams: list[int]) -> str:
@@ -170,12 +175,14 @@ def summarize(runs: list[dict], beams: list[int]) -> str:
         lines.append(f"| {key.replace('/beam', ' (beam ')}) | "
                      + " | ".join(cell(k, key, "bleu") for k in kinds) + " | "
                      + " | ".join(cell(k, key, "chrf") for k in kinds) + " |")
-    lines += ["", "| run | seed | parameters | steps | train s | tok/s | final val BLEU |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| run | seed | parameters | steps | exported step | train s | tok/s "
+              "| final val BLEU |",
+              "|---|---|---|---|---|---|---|---|"]
     for run in runs:
         last = run["curve"][-1] if run["curve"] else {}
         tok_s = f"{run['tok_s']:.0f}" if run["tok_s"] else "–"
         lines.append(f"| {run['kind']} | {run['seed']} | {run['parameters']:,} | {run['steps']} "
+                     f"| {run.get('exported_step')} "
                      f"| {run['train_seconds']} | {tok_s} | {last.get('val_bleu', 0):.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,10 @@ a fresh child process (peak RSS growth over the inputs) so one run cannot inflat
 
     python benchmarks/attention.py                       # d_model 512, batch 8, T=S in 128 512 2048
     python benchmarks/attention.py --lengths 128 --repeats 3 --no-memory
+    python benchmarks/attention.py --device cuda --dtype bfloat16 --batch 32 --lengths 128 512 2048
+
+On a GPU, times are taken between ``torch.cuda.synchronize()`` calls and the memory column is the
+CUDA allocator's peak over one step (in process), instead of the peak RSS of a child.
 """
 
 from __future__ import annotations
@@ -20,21 +24,24 @@ import time
 
 import torch
 
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from seq2seq_diff.attention import MultiheadAttention, MultiheadDiffAttention, RotaryEmbedding
 
 KINDS = {"diff": MultiheadDiffAttention, "standard": MultiheadAttention}
 
 
-def build(kind: str, d_model: int, num_heads: int, batch: int, length: int, causal: bool):
+def build(kind: str, d_model: int, num_heads: int, batch: int, length: int, causal: bool,
+          device: str = "cpu", dtype: str = "float32"):
     torch.manual_seed(0)
-    module = KINDS[kind](d_model, num_heads, layer_index=1)
-    x = torch.randn(batch, length, d_model, requires_grad=True)
-    rotary = RotaryEmbedding(d_model // num_heads // 2)
+    dtype_ = getattr(torch, dtype)
+    module = KINDS[kind](d_model, num_heads, layer_index=1).to(device, dtype_)
+    x = torch.randn(batch, length, d_model, device=device, dtype=dtype_, requires_grad=True)
+    rotary = RotaryEmbedding(d_model // num_heads // 2).to(device)
     # Bidirectional self-attention with ~10% key padding, or causal self-attention.
     mask = None
     if not causal:
         lengths = torch.linspace(length, int(0.8 * length), batch).long()
-        mask = (torch.arange(length)[None, :] < lengths[:, None])[:, None, None, :]
+        mask = (torch.arange(length)[None, :] < lengths[:, None])[:, None, None, :].to(device)
     return module, x, rotary, mask
 
 
@@ -46,16 +53,35 @@ def step(module, x, rotary, mask, causal: bool) -> None:
 
 
 def time_pair(args, length: int) -> dict[str, float]:
-    setups = {k: build(k, args.d_model, args.num_heads, args.batch, length, args.causal)
-              for k in KINDS}
+    setups = {k: build(k, args.d_model, args.num_heads, args.batch, length, args.causal,
+                       args.device, args.dtype) for k in KINDS}
+    cuda = args.device.startswith("cuda")
     times: dict[str, list[float]] = {k: [] for k in KINDS}
     for i in range(args.warmup + args.repeats):
         for kind, (module, x, rotary, mask) in setups.items():  # interleaved
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
-            step(module, x, rotary, mask, args.causal)
+            for _ in range(args.inner):
+                step(module, x, rotary, mask, args.causal)
+            if cuda:
+                torch.cuda.synchronize()
             if i >= args.warmup:
-                times[kind].append(time.perf_counter() - start)
+                times[kind].append((time.perf_counter() - start) / args.inner)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cuda_peak_mib(args, kind: str, length: int) -> float:
+    """CUDA allocator peak over one step, above what the inputs and module hold."""
+    module, x, rotary, mask = build(kind, args.d_model, args.num_heads, args.batch, length,
+                                    args.causal, args.device, args.dtype)
+    step(module, x, rotary, mask, args.causal)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(module, x, rotary, mask, args.causal)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def rss_kib(field: str) -> int:
@@ -76,6 +102,8 @@ def child(args) -> None:
 
 
 def peak_memory(args, kind: str, length: int) -> float:
+    if args.device.startswith("cuda"):
+        return cuda_peak_mib(args, kind, length)
     cmd = [sys.executable, __file__, "--child", kind, "--length", str(length),
            "--d-model", str(args.d_model), "--num-heads", str(args.num_heads),
            "--batch", str(args.batch), "--threads", str(args.threads)]
@@ -96,6 +124,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--inner", type=int, default=1, help="steps per timed run (GPU: 10+)")
     parser.add_argument("--causal", action="store_true", help="causal instead of padded self-attn")
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--max-explicit-scores", type=int, default=None,
@@ -110,7 +141,8 @@ def main() -> None:
     if args.kind:
         child(args)
         return
-    print(f"torch {torch.__version__}, {args.threads} threads, d_model {args.d_model}, "
+    print(f"torch {torch.__version__}, {args.device} {args.dtype}, {args.threads} threads, "
+          f"d_model {args.d_model}, "
           f"{args.num_heads} diff heads vs {2 * args.num_heads} standard, batch {args.batch}, "
           f"{'causal' if args.causal else 'padded bidirectional'} self-attention, fwd+bwd, "
           f"median of {args.repeats}, DIFF kernel switch at "
