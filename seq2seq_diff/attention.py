@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -106,6 +107,9 @@ class _Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        # Analysis hook (seq2seq_diff.analysis): called as recorder(self, q, k, mask, causal)
+        # with the attention's final queries, keys and mask; None in normal use.
+        self.recorder: Any = None
 
     def _split_v(self, v: Tensor) -> Tensor:
         """(B, S, E) -> the value layout of this attention kind."""
@@ -165,6 +169,8 @@ class _Attention(nn.Module):
         elif causal and mask is not None:
             causal = False
             mask = mask & causal_mask(t, k.shape[2], x.device)
+        if self.recorder is not None:
+            self.recorder(self, q, k, mask, causal)
         return self.out_proj(self._attend(q, k, v, mask, causal))
 
 

@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "average the last N checkpoints of a run into a model directory"),
     "train-tokenizer": ("seq2seq_diff.cli:train_tokenizer_main",
                         "train only the SentencePiece model, from a data config or text files"),
+    "analyze": ("seq2seq_diff.analyze:analyze_main",
+                "attention focus, activation outliers and quantisation robustness of models"),
+    "plot-attention": ("seq2seq_diff.analyze:plot_attention_main",
+                       "attention heatmaps of one sentence, per layer and head"),
 }
 
 

@@ -199,8 +199,9 @@ class Seq2SeqTransformer(nn.Module):
             cross_cache = None if cache is None else cache.cross_attn[i]
             x = layer(x, memory, mask, self.rotary, self_cache, cross_cache)
         x = self.decoder_norm(x)
-        weight = self.embed.weight if self.output_proj is None else self.output_proj.weight
-        return x @ weight.t()  # (B, T, V)
+        if self.output_proj is not None:  # untied, or quantised (seq2seq_diff.quantize)
+            return self.output_proj(x)  # (B, T, V)
+        return x @ self.embed.weight.t()  # (B, T, V)
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits (B, T, V); padding found from ``config.pad_id``."""

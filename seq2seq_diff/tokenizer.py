@@ -150,6 +150,10 @@ class Tokenizer:
             rows.append(kept)
         return self._sp.decode(rows)
 
+    def id_to_piece(self, piece_id: int) -> str:
+        """The piece string of an id, for inspection."""
+        return self._sp.id_to_piece(int(piece_id))
+
     def pieces(self, text: str) -> list[str]:
         """The pieces of one sentence, for inspection."""
         return self._sp.encode(text, out_type=str)

@@ -185,7 +185,8 @@ def _settings(translator: Translator, mode: str) -> dict[str, Any]:
             "max_sentence_tokens": translator.max_sentence_tokens,
             "max_len_a": translator.max_len_a, "max_len_b": translator.max_len_b,
             "n_best": translator.n_best, "lang": translator.lang,
-            "context": translator.context, "tokenizer": translator.tokenizer.fingerprint}
+            "context": translator.context, "quantize": translator.quantize,
+            "tokenizer": translator.tokenizer.fingerprint}
 
 
 def _read_progress(path: Path, output: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -409,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-lines", type=int, default=2000, metavar="N",
                         help="input lines read, translated and saved at a time (default 2000)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--int8", action="store_true",
+                        help="int8 dynamic quantisation of the linear layers (CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     return parser
 
@@ -423,7 +426,8 @@ def cli_main(argv: list[str]) -> int:
     options = dict(beam_size=args.beam_size, length_penalty=args.length_penalty,
                    max_tokens=args.max_tokens, max_sentence_tokens=args.max_sentence_tokens,
                    max_len_a=args.max_len_a, max_len_b=args.max_len_b, n_best=args.n_best,
-                   lang=args.lang, context=args.context)  # None: the model's training setting
+                   lang=args.lang, context=args.context,  # None: the model's training setting
+                   quantize="int8" if args.int8 else "none")
     translator = Translator.from_pretrained(args.model, device=args.device, **options)
     if args.n_best > 1:
         stats = _write_nbest(translator, args)

@@ -186,6 +186,7 @@ class Translator:
         lang: str = "en",
         context: int = 0,
         device: str | torch.device = "cpu",
+        quantize: str = "none",
     ):
         if beam_size < 1:
             raise ConfigError(f"beam_size must be >= 1, got {beam_size}")
@@ -202,6 +203,16 @@ class Translator:
                               f"({tokenizer.vocab_size}) differ: use the spm.model it was "
                               "trained with")
         self.device = torch.device(device)
+        if quantize != "none":
+            from seq2seq_diff.quantize import QUANTIZE_CHOICES, apply_quantization
+
+            if quantize not in QUANTIZE_CHOICES:
+                raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got "
+                                  f"{quantize!r}")
+            if self.device.type != "cpu":
+                raise ConfigError(f"int8 quantisation runs on the CPU only, not on {device}")
+            model = apply_quantization(model, quantize)
+        self.quantize = quantize
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.beam_size = beam_size

@@ -1,0 +1,69 @@
+"""Low-precision inference: int8 dynamic quantisation, and simulated k-bit weights.
+
+- ``quantize_int8``: PyTorch's dynamic quantisation of every ``nn.Linear`` (int8 weights, per
+  tensor; activations quantised on the fly), CPU only. The tied output projection is untied
+  into its own ``nn.Linear`` first, so the largest matrix product (d_model × vocabulary) is
+  quantised too; the embedding stays float32.
+- ``fake_quantize_weights``: round every linear weight (and the output projection) to ``bits``
+  bits, symmetric per group of ``group_size`` input columns, and store it back in float32: the
+  accuracy of k-bit weight-only quantisation, without its kernels (for robustness studies).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from seq2seq_diff.model import Seq2SeqTransformer
+
+QUANTIZE_CHOICES = ("none", "int8")
+
+
+def _untie_output(model: Seq2SeqTransformer) -> None:
+    if model.output_proj is None:
+        out = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
+        out.weight = nn.Parameter(model.embed.weight.detach().clone())
+        model.output_proj = out
+
+
+def quantize_int8(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
+    """A copy of ``model`` with int8 dynamically quantised linear layers (CPU inference)."""
+    model = copy.deepcopy(model).cpu().eval()
+    _untie_output(model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*quantize.*deprecated.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+@torch.no_grad()
+def fake_quantize_weights(model: Seq2SeqTransformer, bits: int,
+                          group_size: int = 64) -> Seq2SeqTransformer:
+    """A copy of ``model`` whose linear weights are rounded to ``bits`` bits (stored as float)."""
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be between 2 and 16, got {bits}")
+    model = copy.deepcopy(model).eval()
+    _untie_output(model)
+    levels = 2 ** (bits - 1) - 1
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            w = module.weight
+            rows, cols = w.shape
+            size = group_size if cols % group_size == 0 else cols
+            groups = w.view(rows, cols // size, size)
+            scale = groups.abs().amax(-1, keepdim=True).clamp_min(1e-12) / levels
+            module.weight.copy_(((groups / scale).round().clamp(-levels, levels) * scale)
+                                .view(rows, cols))
+    return model
+
+
+def apply_quantization(model: Seq2SeqTransformer, mode: str) -> Seq2SeqTransformer:
+    """``mode`` 'none' returns the model; 'int8' returns ``quantize_int8(model)``."""
+    if mode == "none":
+        return model
+    if mode == "int8":
+        return quantize_int8(model)
+    raise ValueError(f"unknown quantization {mode!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
