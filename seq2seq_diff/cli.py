@@ -158,10 +158,18 @@ def apply_run_dir(config: Any) -> None:
 
 
 def _checkpoint_to_export(trainer) -> str | None:
+    """The best monitored checkpoint; the final one (``last``) when the monitor is the step.
+
+    With ``monitor: step`` the newest is meant to be the best, and ``last.ckpt`` also holds the
+    steps after the last validation, which the monitored checkpoints do not.
+    """
     callback = trainer.checkpoint_callback
     if callback is None:
         return None
-    for path in (callback.best_model_path, callback.last_model_path):
+    order = (callback.best_model_path, callback.last_model_path)
+    if callback.monitor in (None, "step"):
+        order = order[::-1]
+    for path in order:
         if path and Path(path).is_file():
             return path
     return None

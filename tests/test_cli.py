@@ -122,6 +122,14 @@ def test_train_exports_a_model_dir_with_the_checkpoints_logits(trained, capsys):
         assert name in metrics.splitlines()[0]
 
 
+def test_monitor_step_exports_the_final_step_not_the_last_validated(shared, tmp_path):
+    config = tiny_config(shared, tmp_path / "run", max_steps=5)
+    config["trainer"]["callbacks"][0]["init_args"].update(monitor="step", mode="max")
+    assert main(["train", "--config", write_config(tmp_path / "c.yaml", config)]) == 0
+    meta = json.loads((tmp_path / "run" / "model" / "metadata.json").read_text())
+    assert meta["global_step"] == 5  # validations ran at steps 2 and 4 only
+
+
 def test_print_config(shared, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_config(shared, tmp_path / "run"))
     assert main(["train", "--config", config, "--print_config"]) == 0
