@@ -13,6 +13,8 @@ ours is 2/3 of it (rounded up to 8), so the parameters and FLOPs match.
     python benchmarks/peers.py                       # d_model 256, 3+3 (ANCHORS.md)
     python benchmarks/peers.py --d-model 512 --layers 6 --heads 8 --ffn-dim 2048 --repeats 5
     python benchmarks/peers.py --device cuda --dtype bfloat16 --batch 128
+
+On the CPU in float32 our models also decode with int8 dynamic quantisation (``translate --int8``).
 """
 
 from __future__ import annotations
@@ -273,9 +275,15 @@ def main() -> None:
                                                                    threads, 1)
         except ImportError:
             print("ctranslate2 is not installed: no CTranslate2 (pip install -e .[bench])")
+    decoders = dict(models)
+    if args.device == "cpu" and args.dtype == "float32":
+        from seq2seq_diff.quantize import quantize_int8
+
+        decoders["ours diff int8"] = quantize_int8(models["ours diff"])
+        decoders["ours standard int8"] = quantize_int8(models["ours standard"])
     for beam in args.beams:
         fns = {name: decode_fn(name if name == "hf" else "ours", m, args, beam)
-               for name, m in models.items()}
+               for name, m in decoders.items()}
         for name, engine in engines.items():
             split = args.batch // args.threads if "inter" in name else args.batch
             fns[name] = ct2_decode_fn(engine, args, beam, split)
