@@ -32,3 +32,7 @@ class DataError(Seq2SeqDiffError):
 
 class ModelDirError(Seq2SeqDiffError):
     """A model directory or checkpoint that cannot be loaded as asked."""
+
+
+class TrainingError(Seq2SeqDiffError):
+    """Training cannot go on (e.g. the loss stayed NaN/Inf); the message says what to change."""

@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sacrebleu.metrics import BLEU, CHRF
 from torch import Tensor, nn
 
-from seq2seq_diff.errors import ConfigError
+from seq2seq_diff.errors import ConfigError, TrainingError
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
 from seq2seq_diff.model_dir import CHECKPOINT_KEY
 from seq2seq_diff.search import greedy_search
@@ -117,6 +117,9 @@ class TranslationModule(L.LightningModule):
             and chrF (0: loss only).
         max_decode_len_a: validation decoding stops after a·len(src) + b target pieces...
         max_decode_len_b: ...with this b.
+        nonfinite_loss: what a NaN/Inf training loss does: ``skip`` the step (no backward, no
+            update; logged) or ``stop`` training with a one-line error.
+        max_nonfinite_steps: with ``skip``, stop anyway after this many such steps in a row.
     """
 
     def __init__(
@@ -130,6 +133,8 @@ class TranslationModule(L.LightningModule):
         valid_bleu_size: int = 200,
         max_decode_len_a: float = 1.5,
         max_decode_len_b: int = 10,
+        nonfinite_loss: str = "skip",
+        max_nonfinite_steps: int = 5,
     ):
         super().__init__()
         if isinstance(config, Mapping):  # from load_from_checkpoint's hyperparameters
@@ -142,6 +147,10 @@ class TranslationModule(L.LightningModule):
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if valid_bleu_size < 0:
             raise ConfigError(f"valid_bleu_size must be >= 0, got {valid_bleu_size}")
+        if nonfinite_loss not in ("skip", "stop"):
+            raise ConfigError(f"nonfinite_loss must be 'skip' or 'stop', got {nonfinite_loss!r}")
+        if max_nonfinite_steps < 1:
+            raise ConfigError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.save_hyperparameters(ignore=["config"])
         self.hparams["config"] = config.to_dict()
         self.config = config
@@ -153,6 +162,8 @@ class TranslationModule(L.LightningModule):
         self._spm_bytes: bytes | None = None
         self._pending_rng: Mapping[str, Any] | None = None
         self._signature_logged = False
+        self._nonfinite_in_a_row = 0
+        self.nonfinite_skipped = 0
         self._reset_throughput()
         self._reset_validation()
 
@@ -189,12 +200,34 @@ class TranslationModule(L.LightningModule):
         denom = ntokens.clamp(min=1)
         loss = loss_sum / denom
         nll = nll_sum / denom
+        if not torch.isfinite(loss):  # one sync per step: cheap next to the step itself
+            return self._nonfinite(loss)
+        self._nonfinite_in_a_row = 0
         size = batch["tgt_out"].shape[0]
         self.log("train_loss", loss, prog_bar=True, batch_size=size)
         self.log("train_nll", nll, batch_size=size)
         self.log("train_ppl", torch.exp(nll.clamp(max=50)), batch_size=size)
         self._tokens = self._tokens + ntokens.detach() + (batch["src"] != self.config.pad_id).sum()
         return loss
+
+    def _nonfinite(self, loss: Tensor) -> None:
+        """A NaN/Inf loss: skip the step (no backward, no update) or stop, as configured."""
+        step = self.global_step
+        self._nonfinite_in_a_row += 1
+        self.nonfinite_skipped += 1
+        hint = ("lower model.lr, raise model.warmup_steps, keep trainer.gradient_clip_val, or "
+                "train in 32-bit precision")
+        if self.hparams.nonfinite_loss == "stop":
+            raise TrainingError(f"the training loss is {loss.item()} at step {step} "
+                                f"(model.nonfinite_loss: stop): {hint}")
+        if self._nonfinite_in_a_row > self.hparams.max_nonfinite_steps:
+            raise TrainingError(
+                f"the training loss was NaN/Inf for {self._nonfinite_in_a_row} steps in a row "
+                f"(up to step {step}; model.max_nonfinite_steps: "
+                f"{self.hparams.max_nonfinite_steps}): {hint}")
+        logger.warning("training loss is %s at step %d: step skipped (%d so far)", loss.item(),
+                       step, self.nonfinite_skipped)
+        return None
 
     def _reset_throughput(self) -> None:
         self._tokens: Tensor | int = 0

@@ -109,6 +109,10 @@ def _write_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         state = _float32_state(state_dict)
+        bad = [k for k, v in state.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:  # never write a model that can only produce garbage
+            raise ModelDirError(f"{target}: not written: {len(bad)} weight tensor(s) hold NaN/Inf "
+                                f"(first: {bad[0]}); export an earlier checkpoint")
         torch.save(state, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         write_tokenizer(tmp / SPM_FILE)

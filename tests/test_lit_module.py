@@ -188,3 +188,70 @@ def test_training_loss_falls(tmp_path):
     first, last = sum(losses[:5]) / 5, sum(losses[-10:]) / 10
     assert first > math.log(data.vocab_size) - 1.0  # starts near uniform
     assert last < first - 1.5, (first, last)
+
+
+# -- non-finite losses ------------------------------------------------------------------------
+
+
+def _nan_loss_at(module, calls: set[int]) -> dict[str, int]:
+    """Make ``module._loss`` return NaN on the given (0-based) training calls; count calls."""
+    original = module._loss
+    count = {"n": 0}
+
+    def loss(batch):
+        loss_sum, nll_sum, ntokens = original(batch)
+        if module.training:
+            count["n"] += 1
+            if count["n"] - 1 in calls:
+                loss_sum = loss_sum * float("nan")
+        return loss_sum, nll_sum, ntokens
+    module._loss = loss
+    return count
+
+
+def _module(data, **kwargs) -> TranslationModule:
+    return TranslationModule(tiny_config(data.vocab_size), lr=1e-3, warmup_steps=2,
+                             valid_bleu_size=0, **kwargs)
+
+
+def test_a_nan_loss_skips_the_step_and_training_goes_on(tmp_path, data):
+    module = _module(data)
+    calls = _nan_loss_at(module, {1, 2})
+    trainer = make_trainer(tmp_path, max_steps=5, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    assert module.nonfinite_skipped == 2 and calls["n"] == trainer.global_step == 5
+    assert all(p.isfinite().all() for p in module.parameters())
+    # a skipped step leaves the weights exactly as they were (no update, no weight decay)
+    module = _module(data, max_nonfinite_steps=10)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    _nan_loss_at(module, set(range(3)))
+    make_trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(module, datamodule=data)
+    assert module.nonfinite_skipped == 3
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_nonfinite_loss_stop_or_too_many_in_a_row_is_one_clear_error(tmp_path, data):
+    from seq2seq_diff.errors import TrainingError
+
+    module = _module(data, nonfinite_loss="stop")
+    _nan_loss_at(module, {2})
+    with pytest.raises(TrainingError, match="at step 2 .*nonfinite_loss: stop"):
+        make_trainer(tmp_path, max_steps=5, limit_val_batches=0).fit(module, datamodule=data)
+    module = _module(data, max_nonfinite_steps=2)
+    _nan_loss_at(module, {0, 1, 2, 3})
+    with pytest.raises(TrainingError, match="3 steps in a row"):
+        make_trainer(tmp_path, max_steps=5, limit_val_batches=0).fit(module, datamodule=data)
+
+
+def test_a_model_with_nan_weights_is_never_written(tmp_path, data):
+    from seq2seq_diff.errors import ModelDirError
+    from seq2seq_diff.model import Seq2SeqTransformer
+    from seq2seq_diff.model_dir import save_model_dir
+
+    model = Seq2SeqTransformer(tiny_config(data.vocab_size))
+    with torch.no_grad():
+        model.decoder_layers[0].ffn.w2.weight[0, 0] = float("nan")
+    with pytest.raises(ModelDirError, match="NaN/Inf"):
+        save_model_dir(tmp_path / "m", model, data.tokenizer)
+    assert not (tmp_path / "m").exists()
