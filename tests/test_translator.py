@@ -9,6 +9,8 @@ and layout exactly.
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.segment import segment_document
@@ -183,3 +185,46 @@ def test_from_pretrained_takes_context_from_training_config(tmp_path, model, tok
     assert Translator.from_pretrained(path, context=None).context == 2
     with pytest.raises(ConfigError, match="context"):
         make_translator(model, tokenizer, context=-1)
+
+
+# -- properties and soak ----------------------------------------------------------------------
+
+_LINE = st.one_of(
+    st.text(max_size=60),  # anything: control characters, emoji, other scripts
+    st.sampled_from(["", "   ", "\t", "!!!", "🙂🙂", "…", "Open the file.", "x" * 300]),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=st.lists(_LINE, max_size=8))
+def test_any_lines_give_one_output_line_each(model, tokenizer, lines):
+    translator = Translator(model, tokenizer, beam_size=2, max_len_a=0.5, max_len_b=4,
+                            max_sentence_tokens=24)
+    out = translator.translate(lines)
+    assert len(out) == len(lines)
+    for src, tgt in zip(lines, out, strict=True):
+        assert "\n" not in tgt and "\r" not in tgt
+        if not src.strip():
+            assert tgt == ""
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.slow
+def test_translating_the_book_three_times_does_not_grow_memory(model, tokenizer):
+    from pathlib import Path
+
+    book = (Path(__file__).resolve().parents[1] / "data/en-ro/book/gimp-manual-heldout.en")
+    lines = book.read_text(encoding="utf-8").splitlines()
+    translator = Translator(model, tokenizer, beam_size=2, max_len_a=0.5, max_len_b=8)
+    sizes = []
+    for _ in range(3):
+        assert len(translator.translate(lines)) == len(lines)
+        sizes.append(_rss_mib())
+    assert sizes[2] - sizes[0] < 50, sizes  # MiB: the first pass allocates, later ones reuse
