@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -378,6 +379,16 @@ class ResumableCheckpoint(ModelCheckpoint):
     the end of the last training batch, when the loop state is mid-epoch as for any step
     checkpoint.
     """
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """Write to a hidden temporary file beside ``filepath``, then rename it over the target:
+        a kill during the save leaves the previous checkpoint intact, never a truncated one."""
+        directory, name = os.path.split(filepath)
+        tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        self._last_checkpoint_saved = filepath
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -130,6 +130,49 @@ def test_monitor_step_exports_the_final_step_not_the_last_validated(shared, tmp_
     assert meta["global_step"] == 5  # validations ran at steps 2 and 4 only
 
 
+def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(shared, tmp_path):
+    """`train` killed with SIGKILL after its first checkpoint resumes to the same end state."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = 40
+    config = tiny_config(shared, tmp_path / "killed", max_steps=steps, val_check_interval=4)
+    path = write_config(tmp_path / "killed.yaml", config)
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    child = subprocess.Popen([sys.executable, str(root / "cli.py"), "train", "--config", path,
+                              "--export", "false"], cwd=root, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    assert child.wait() == -signal.SIGKILL, "training ended before it could be killed"
+    killed_at = torch.load(last, weights_only=False)["global_step"]
+    assert 0 < killed_at < steps
+    assert main(["train", "--config", path, "--export", "false", "--ckpt_path", "last"]) == 0
+    resumed = torch.load(last, weights_only=False)
+    full_path = write_config(tmp_path / "full.yaml",
+                             tiny_config(shared, tmp_path / "full", max_steps=steps,
+                                         val_check_interval=4))
+    assert main(["train", "--config", full_path, "--export", "false"]) == 0
+    full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == full["global_step"] == steps
+    assert resumed["lr_schedulers"] == full["lr_schedulers"]
+    for key, value in full["state_dict"].items():
+        assert torch.allclose(value, resumed["state_dict"][key], atol=1e-6), key
+
+
+def test_checkpoints_are_written_atomically(trained):
+    checkpoints = trained / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file()
+    assert not list(checkpoints.glob(".*tmp*"))  # temp files are renamed into place
+
+
 def test_print_config(shared, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_config(shared, tmp_path / "run"))
     assert main(["train", "--config", config, "--print_config"]) == 0
