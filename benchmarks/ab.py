@@ -80,28 +80,26 @@ def evaluate_model(model_dir: str | Path, device: str, beams: list[int],
     return scores
 
 
-def learning_curve(run_dir: Path) -> list[dict[str, float]]:
-    """Validation rows (step, val_loss, val_bleu, val_chrf) of a run's CSV log."""
+def _metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    """The rows of a run's CSV logs (every version, in order)."""
     import csv
 
-    rows = []
+    rows: list[dict[str, str]] = []
     for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
         with path.open(newline="") as handle:
-            for row in csv.DictReader(handle):
-                if row.get("val_loss"):
-                    rows.append({key: float(row[key]) for key in
-                                 ("step", "val_loss", "val_bleu", "val_chrf") if row.get(key)})
+            rows += csv.DictReader(handle)
     return rows
+
+
+def learning_curve(run_dir: Path) -> list[dict[str, float]]:
+    """Validation rows (step, val_loss, val_bleu, val_chrf) of a run's CSV log."""
+    return [{key: float(row[key]) for key in ("step", "val_loss", "val_bleu", "val_chrf")
+             if row.get(key)} for row in _metric_rows(run_dir) if row.get("val_loss")]
 
 
 def train_throughput(run_dir: Path) -> float | None:
     """Median logged training tokens/s of a run."""
-    import csv
-
-    values = []
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        with path.open(newline="") as handle:
-            values += [float(row["tok_s"]) for row in csv.DictReader(handle) if row.get("tok_s")]
+    values = [float(row["tok_s"]) for row in _metric_rows(run_dir) if row.get("tok_s")]
     return statistics.median(values) if values else None
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from seq2seq_diff.attention import MultiheadDiffAttention, causal_mask
+from seq2seq_diff.batching import collate
 from seq2seq_diff.model import Seq2SeqTransformer
 from seq2seq_diff.tokenizer import Tokenizer
 
@@ -93,26 +94,21 @@ def record_attention(model: Seq2SeqTransformer) -> Iterator[list[AttentionRecord
             module.recorder = None
 
 
-def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows])
-
-
 @dataclass
 class Batch:
     src: Tensor  # (B, S) pieces + eos
     tgt_in: Tensor  # (B, T) bos + pieces
-    src_ids: list[list[int]]
-    tgt_ids: list[list[int]]
+    src_ids: list[list[int]]  # pieces + eos
+    tgt_ids: list[list[int]]  # pieces
 
 
 def teacher_forced_batch(model: Seq2SeqTransformer, tokenizer: Tokenizer, sources: Sequence[str],
                          targets: Sequence[str]) -> Batch:
     c = model.config
-    src_ids = [ids + [c.eos_id] for ids in tokenizer.encode(sources)]
-    tgt_ids = tokenizer.encode(targets)
-    return Batch(_pad(src_ids, c.pad_id), _pad([[c.bos_id] + ids for ids in tgt_ids], c.pad_id),
-                 src_ids, tgt_ids)
+    src_ids, tgt_ids = tokenizer.encode(sources), tokenizer.encode(targets)
+    examples = [{"src_ids": s, "tgt_ids": t} for s, t in zip(src_ids, tgt_ids, strict=True)]
+    batch = collate(examples, c.pad_id, c.bos_id, c.eos_id)
+    return Batch(batch["src"], batch["tgt_in"], [ids + [c.eos_id] for ids in src_ids], tgt_ids)
 
 
 def _batches(n: int, size: int) -> Iterator[slice]:

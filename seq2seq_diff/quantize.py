@@ -17,6 +17,7 @@ import warnings
 import torch
 from torch import nn
 
+from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.model import Seq2SeqTransformer
 
 QUANTIZE_CHOICES = ("none", "int8")
@@ -66,4 +67,5 @@ def apply_quantization(model: Seq2SeqTransformer, mode: str) -> Seq2SeqTransform
         return model
     if mode == "int8":
         return quantize_int8(model)
-    raise ValueError(f"unknown quantization {mode!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
+    raise ConfigError(f"unknown quantization {mode!r}: choose one of "
+                      f"{', '.join(QUANTIZE_CHOICES)}")
