@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seq2seq_diff.norm_dropout import RMSNorm, dropout
+
 
 def lambda_init_fn(layer_index: int) -> float:
     """λ_init = 0.8 − 0.6·exp(−0.3·l), l counted from 0 within a stack (DIFF Transformer §2.1)."""
@@ -197,7 +199,7 @@ class MultiheadDiffAttention(_Attention):
         self.lambda_k1 = nn.Parameter(torch.zeros(d, dtype=torch.float32).normal_(0, 0.1))
         self.lambda_q2 = nn.Parameter(torch.zeros(d, dtype=torch.float32).normal_(0, 0.1))
         self.lambda_k2 = nn.Parameter(torch.zeros(d, dtype=torch.float32).normal_(0, 0.1))
-        self.subln = nn.RMSNorm(2 * d, eps=1e-5, elementwise_affine=True)
+        self.subln = RMSNorm(2 * d, eps=1e-5, elementwise_affine=True)
 
     def lambda_full(self) -> Tensor:
         """The scalar λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, in the parameters' dtype.
@@ -239,7 +241,7 @@ class MultiheadDiffAttention(_Attention):
         probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         probs = probs.to(v.dtype)
         if self.training and self.dropout > 0:
-            probs = F.dropout(probs, self.dropout)
+            probs = dropout(probs, self.dropout)
         probs = probs.unflatten(1, (self.num_heads, 2))  # (B, H, 2, T, S)
         return (probs[:, :, 0] - lam.to(v.dtype) * probs[:, :, 1]) @ v  # (B, H, T, 2D)
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from seq2seq_diff.attention import ATTENTION_KINDS, KVCache, RotaryEmbedding
+from seq2seq_diff.norm_dropout import Dropout, RMSNorm
 
 
 class FeedForward(nn.Module):
@@ -19,7 +20,7 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(d_model, ffn_dim, bias=False)
         self.w3 = nn.Linear(d_model, ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, d_model, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(self.dropout(F.silu(self.w1(x)) * self.w3(x)))
@@ -41,11 +42,11 @@ class EncoderLayer(nn.Module):
     ):
         super().__init__()
         attention_cls = ATTENTION_KINDS[attention]
-        self.self_attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.self_attn_norm = RMSNorm(d_model, eps=norm_eps)
         self.self_attn = attention_cls(d_model, num_heads, layer_index, attention_dropout)
-        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn_norm = RMSNorm(d_model, eps=norm_eps)
         self.ffn = FeedForward(d_model, ffn_dim, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, rotary: RotaryEmbedding | None) -> Tensor:
         """x (B, S, E); mask (B, 1, 1, S), True = real source token."""
@@ -69,13 +70,13 @@ class DecoderLayer(nn.Module):
     ):
         super().__init__()
         attention_cls = ATTENTION_KINDS[attention]
-        self.self_attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.self_attn_norm = RMSNorm(d_model, eps=norm_eps)
         self.self_attn = attention_cls(d_model, num_heads, layer_index, attention_dropout)
-        self.cross_attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.cross_attn_norm = RMSNorm(d_model, eps=norm_eps)
         self.cross_attn = attention_cls(d_model, num_heads, layer_index, attention_dropout)
-        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn_norm = RMSNorm(d_model, eps=norm_eps)
         self.ffn = FeedForward(d_model, ffn_dim, dropout)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(
         self,

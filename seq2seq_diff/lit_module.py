@@ -36,6 +36,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from torch import Tensor, nn
 
 from seq2seq_diff.errors import ConfigError, TrainingError
+from seq2seq_diff.loss import smoothed_cross_entropy
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
 from seq2seq_diff.model_dir import CHECKPOINT_KEY
 from seq2seq_diff.search import greedy_search
@@ -179,17 +180,16 @@ class TranslationModule(L.LightningModule):
 
     def _loss(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Summed label-smoothed loss, summed NLL and the number of target tokens."""
-        logits = self.model(batch["src"], batch["tgt_in"])  # (B, T, V)
-        logits = logits.float().flatten(0, 1)  # (B*T, V); loss in float32 under bf16
-        target = batch["tgt_out"].flatten()  # (B*T,)
-        keep = target != self.config.pad_id
-        # One log-softmax serves both: label smoothing as in F.cross_entropy, (1 − ε)·NLL plus
-        # ε·mean over the vocabulary of −log p.
-        logp = logits.log_softmax(dim=-1)
-        nll = -logp.gather(1, target[:, None]).squeeze(1)  # (B*T,)
-        eps = self.hparams.label_smoothing
-        loss = ((1.0 - eps) * nll - eps * logp.mean(dim=-1))[keep].sum()
-        return loss, nll[keep].sum().detach(), keep.sum()
+        model, src = self.model, batch["src"]
+        src_mask = src != self.config.pad_id
+        states = model.decode_states(batch["tgt_in"], model.encode(src, src_mask), src_mask)
+        keep = batch["tgt_out"] != self.config.pad_id  # (B, T)
+        target = batch["tgt_out"][keep]  # (N,)
+        # Only real target positions are projected onto the vocabulary: the projection and the
+        # log-softmax over V are the largest costs of a small model's step, padding included.
+        logits = model.project(states[keep]).float()  # (N, V); loss in float32 under bf16
+        loss, nll = smoothed_cross_entropy(logits, target, self.hparams.label_smoothing)
+        return loss.sum(), nll.sum(), keep.sum()
 
     # -- training -----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from seq2seq_diff.attention import ATTENTION_KINDS, KVCache, RotaryEmbedding
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.layers import DecoderLayer, EncoderLayer
+from seq2seq_diff.norm_dropout import Dropout, RMSNorm
 
 
 @dataclass
@@ -141,7 +142,7 @@ class Seq2SeqTransformer(nn.Module):
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model, padding_idx=c.pad_id)
         self.embed_scale = math.sqrt(c.d_model)
-        self.embed_dropout = nn.Dropout(c.dropout)
+        self.embed_dropout = Dropout(c.dropout)
         self.rotary = RotaryEmbedding(c.head_dim, c.rope_base) if c.rotary else None
         layer_args = dict(d_model=c.d_model, num_heads=c.num_heads, ffn_dim=c.ffn_dim,
                           attention=c.attention, dropout=c.dropout,
@@ -150,8 +151,8 @@ class Seq2SeqTransformer(nn.Module):
             EncoderLayer(layer_index=i, **layer_args) for i in range(c.num_encoder_layers))
         self.decoder_layers = nn.ModuleList(
             DecoderLayer(layer_index=i, **layer_args) for i in range(c.num_decoder_layers))
-        self.encoder_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
-        self.decoder_norm = nn.RMSNorm(c.d_model, eps=c.norm_eps)
+        self.encoder_norm = RMSNorm(c.d_model, eps=c.norm_eps)
+        self.decoder_norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.output_proj = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, False)
         self._init_weights()
 
@@ -191,6 +192,12 @@ class Seq2SeqTransformer(nn.Module):
         Without a cache, ``tgt_in`` is the whole prefix (teacher forcing). With one, ``tgt_in``
         holds only the new positions; earlier ones come from the cache, which is extended.
         """
+        return self.project(self.decode_states(tgt_in, memory, src_mask, cache))
+
+    def decode_states(
+        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, cache: DecoderCache | None = None
+    ) -> Tensor:
+        """The decoder's final states (B, T, E), before the output projection (see ``decode``)."""
         offset = 0 if cache is None else len(cache)
         mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         x = self._embed(tgt_in, offset)
@@ -198,10 +205,13 @@ class Seq2SeqTransformer(nn.Module):
             self_cache = None if cache is None else cache.self_attn[i]
             cross_cache = None if cache is None else cache.cross_attn[i]
             x = layer(x, memory, mask, self.rotary, self_cache, cross_cache)
-        x = self.decoder_norm(x)
+        return self.decoder_norm(x)
+
+    def project(self, states: Tensor) -> Tensor:
+        """Vocabulary logits (..., V) of decoder states (..., E)."""
         if self.output_proj is not None:  # untied, or quantised (seq2seq_diff.quantize)
-            return self.output_proj(x)  # (B, T, V)
-        return x @ self.embed.weight.t()  # (B, T, V)
+            return self.output_proj(states)
+        return states @ self.embed.weight.t()
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced logits (B, T, V); padding found from ``config.pad_id``."""
