@@ -34,6 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 
+from seq2seq_diff.loss import smoothed_cross_entropy  # noqa: E402
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer  # noqa: E402
 from seq2seq_diff.search import beam_search, greedy_search  # noqa: E402
 
@@ -115,23 +116,27 @@ def train_step_fn(name: str, model, args) -> Callable[[], None]:
     src, tgt_in, tgt_out = (t.to(args.device) for t in make_batch(args))
     model.to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if args.compile:
+        model = torch.compile(model)
     autocast = (torch.autocast(args.device, dtype=getattr(torch, args.dtype))
                 if args.dtype != "float32" else contextlib.nullcontext())
     if name == "hf":
         mask = torch.ones_like(src, dtype=torch.bool)
 
-        def logits() -> torch.Tensor:
-            return model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt_in).logits
+        def loss() -> torch.Tensor:  # as HF's trainer: label-smoothed cross-entropy
+            out = model(input_ids=src, attention_mask=mask, decoder_input_ids=tgt_in).logits
+            return F.cross_entropy(out.float().flatten(0, 1), tgt_out.flatten(),
+                                   label_smoothing=0.1)
     else:
-        def logits() -> torch.Tensor:
-            return model(src, tgt_in)
+        def loss() -> torch.Tensor:  # as our trainer (lit_module.TranslationModule._loss)
+            out = model(src, tgt_in)
+            return smoothed_cross_entropy(out.float().flatten(0, 1), tgt_out.flatten(),
+                                          0.1)[0].mean()
 
     def step() -> None:
         with autocast:
-            out = logits()
-            loss = F.cross_entropy(out.float().flatten(0, 1), tgt_out.flatten(),
-                                   label_smoothing=0.1)
-        loss.backward()
+            value = loss()
+        value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -239,6 +244,8 @@ def main() -> None:
     parser.add_argument("--no-train", dest="train", action="store_false")
     parser.add_argument("--no-decode", dest="decode", action="store_false")
     parser.add_argument("--no-ct2", dest="ct2", action="store_false")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every model for training (warm-up not timed)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

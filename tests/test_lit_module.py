@@ -255,3 +255,20 @@ def test_a_model_with_nan_weights_is_never_written(tmp_path, data):
     with pytest.raises(ModelDirError, match="NaN/Inf"):
         save_model_dir(tmp_path / "m", model, data.tokenizer)
     assert not (tmp_path / "m").exists()
+
+
+def test_compiled_loss_equals_eager_loss_and_gradients():
+    """model.compile: the torch.compile'd encoder/decoder gives the eager loss and gradients."""
+    eager = TranslationModule(tiny_config(300), warmup_steps=1).eval()
+    compiled = TranslationModule(tiny_config(300), warmup_steps=1, compile=True).eval()
+    compiled.load_state_dict(eager.state_dict())
+    batch = _batch(extra_pad=2)
+    results = []
+    for module in (eager, compiled):
+        loss, nll, ntokens = module._loss(batch)
+        loss.backward()
+        results.append((loss.detach(), nll, ntokens,
+                        [p.grad.clone() for p in module.parameters() if p.grad is not None]))
+    (l0, n0, t0, g0), (l1, n1, t1, g1) = results
+    assert t0 == t1 and torch.allclose(l0, l1, rtol=1e-5) and torch.allclose(n0, n1, rtol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1, strict=True))
