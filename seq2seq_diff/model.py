@@ -120,7 +120,22 @@ class DecoderCache:
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in that order, in every layer."""
-        for cache in (*self.self_attn, *self.cross_attn):
+        self.reorder_self(index)
+        self.reorder_cross(index)
+
+    def reorder_self(self, index: Tensor) -> None:
+        """Reorder the self-attention caches only.
+
+        Beam search reorders beams with this alone: beams of one sentence share one source, so
+        their cross-attention keys and values are equal and only dropping finished sentences
+        (``reorder_cross``) changes them.
+        """
+        for cache in self.self_attn:
+            cache.reorder(index)
+
+    def reorder_cross(self, index: Tensor) -> None:
+        """Reorder the cross-attention caches only."""
+        for cache in self.cross_attn:
             cache.reorder(index)
 
 

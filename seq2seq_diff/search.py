@@ -373,8 +373,9 @@ def _beam_search(
             memory = memory.index_select(0, keep_rows)
             src_mask = src_mask.index_select(0, keep_rows)
             row_max_len = row_max_len.index_select(0, keep_rows)
+            cache.reorder_cross(keep_rows)  # beams share their source: only dropping moves it
         flat = flat.view(-1)
-        cache.reorder(flat)  # one reorder per step: beam reordering and dropping at once
+        cache.reorder_self(flat)  # one reorder per step: beam reordering and dropping at once
         tokens = torch.cat([tokens.index_select(0, flat), token.view(-1, 1)], dim=1)
 
     results = []
