@@ -134,8 +134,22 @@ def _build_cli_classes():
 
         def before_instantiate_classes(self) -> None:
             apply_run_dir(self.config)
+            warn_slow_bf16(self.config)
 
     return Seq2SeqCLI, SaveRunConfig
+
+
+def warn_slow_bf16(config: Any) -> None:
+    """Warn when bf16 training will run on a CPU without bf16 matrix instructions."""
+    import torch
+
+    trainer = config.get("trainer", {})
+    precision = str(trainer.get("precision") or "")
+    accelerator = str(trainer.get("accelerator") or "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and precision.startswith("bf16") and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        logger.warning("trainer.precision %s on a CPU without AVX512-BF16/AMX: bf16 is emulated "
+                       "and slower than float32 here; use --trainer.precision 32-true", precision)
 
 
 def apply_run_dir(config: Any) -> None:

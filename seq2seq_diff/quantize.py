@@ -1,10 +1,9 @@
 """Low-precision inference: int8 dynamic quantisation, and simulated k-bit weights.
 
 - ``quantize_int8``: PyTorch's dynamic quantisation of every ``nn.Linear`` (int8 weights with
-  one scale per output channel; activations quantised on the fly), CPU only. Per-channel
-  scales lose less BLEU than one scale per matrix at the same speed (BENCHMARKS.md). The tied output projection is untied
-  into its own ``nn.Linear`` first, so the largest matrix product (d_model × vocabulary) is
-  quantised too; the embedding stays float32.
+  one scale per output channel; activations quantised on the fly), CPU only. The tied output
+  projection is untied into its own ``nn.Linear`` first, so the largest matrix product
+  (d_model × vocabulary) is quantised too; the embedding stays float32.
 - ``fake_quantize_weights``: round every linear weight (and the output projection) to ``bits``
   bits, symmetric per group of ``group_size`` input columns, and store it back in float32: the
   accuracy of k-bit weight-only quantisation, without its kernels (for robustness studies).
