@@ -13,6 +13,7 @@ ours is 2/3 of it (rounded up to 8), so the parameters and FLOPs match.
     python benchmarks/peers.py                       # d_model 256, 3+3 (ANCHORS.md)
     python benchmarks/peers.py --d-model 512 --layers 6 --heads 8 --ffn-dim 2048 --repeats 5
     python benchmarks/peers.py --device cuda --dtype bfloat16 --batch 128
+    python benchmarks/peers.py --memory --batch 64  # peak RSS, training and beam 5, per engine
 
 On the CPU in float32 our models also decode with int8 dynamic quantisation (``translate --int8``).
 """
@@ -225,6 +226,67 @@ class CT2:
             line.rstrip("\n") for line in (path / "shared_vocabulary.txt").open()]
 
 
+# ---------------------------------------------------------------------------------------------
+# memory: each engine and workload in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def memory_child(args) -> None:
+    """Run one engine's workload three times; print its RSS before and at peak (JSON)."""
+    import json
+    import resource
+
+    engine, workload = args.memory_child
+    if engine.startswith("ct2"):
+        compute = engine.split()[1]
+        inter = args.threads if "inter" in engine else 1
+        runner = CT2(Path(args.ct2_dir), args, compute, inter, 1 if inter > 1 else args.threads)
+        base = _rss_mib()
+        fn = ct2_decode_fn(runner, args, 5, args.batch // inter)
+    else:
+        model = marian(args) if engine == "hf" else ours(engine.split()[1], args)
+        base = _rss_mib()
+        name = "hf" if engine == "hf" else "ours"
+        fn = train_step_fn(name, model, args) if workload == "training" else decode_fn(
+            name, model, args, 5)
+    for _ in range(3):
+        fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"base": base, "peak": peak}))
+
+
+def memory_table(args, ct2_dir: Path | None) -> None:
+    """Peak RSS of training and beam-5 decoding per engine, each in a fresh process."""
+    import json
+    import subprocess
+
+    dims = ["--d-model", str(args.d_model), "--layers", str(args.layers), "--heads",
+            str(args.heads), "--ffn-dim", str(args.ffn_dim), "--vocab", str(args.vocab),
+            "--batch", str(args.batch), "--src-len", str(args.src_len), "--out-len",
+            str(args.out_len), "--threads", str(args.threads)]
+    engines = {"training": ["ours diff", "ours standard", "hf"],
+               "beam 5": ["ours diff", "ours standard", "hf"]}
+    if ct2_dir is not None:
+        engines["beam 5"] += [f"ct2 {c} {layout}{args.threads}" for c in ("float32", "int8")
+                              for layout in ("intra", "inter")]
+    print(f"\npeak RSS, MiB (fresh process per engine, 3 runs; growth over the process with its "
+          f"model loaded in brackets); batch {args.batch} x {args.src_len}")
+    for workload, names in engines.items():
+        for name in names:
+            command = [sys.executable, __file__, *dims, "--memory-child", name, workload]
+            if ct2_dir is not None:
+                command += ["--ct2-dir", str(ct2_dir)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            print(f"  {workload:<9} {name:<22} {result['peak']:7,.0f}  "
+                  f"[+{result['peak'] - result['base']:,.0f}]", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-model", type=int, default=256)
@@ -246,9 +308,27 @@ def main() -> None:
     parser.add_argument("--no-ct2", dest="ct2", action="store_false")
     parser.add_argument("--compile", choices=["none", "ours", "all"], default="none",
                         help="torch.compile our models (or all) for training; warm-up untimed")
+    parser.add_argument("--memory", action="store_true",
+                        help="only peak RSS per engine (training, beam 5), fresh processes")
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--ct2-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.memory_child:
+        memory_child(args)
+        return
+    if args.memory:
+        ct2_dir = None
+        if args.ct2:
+            try:
+                import ctranslate2  # noqa: F401
+
+                ct2_dir = ctranslate2_dir(marian(args), args, Path(tempfile.mkdtemp(prefix="ct2-")))
+            except ImportError:
+                print("ctranslate2 is not installed: no CTranslate2 (pip install -e .[bench])")
+        memory_table(args, ct2_dir)
+        return
     models: dict[str, torch.nn.Module] = {"ours diff": ours("diff", args),
                                           "ours standard": ours("standard", args)}
     try:
