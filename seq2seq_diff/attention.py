@@ -121,6 +121,21 @@ class _Attention(nn.Module):
         """(B, 2H, T, D), (B, 2H, S, D), values -> (B, T, E) before ``out_proj``."""
         raise NotImplementedError
 
+    def _explicit_probs(self, q: Tensor, k: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+        """Attention probabilities (B, 2H, T, S) of each of the 2H heads, materialised."""
+        t, d = q.shape[2], q.shape[3]
+        scores = (q * d**-0.5) @ k.transpose(-1, -2)  # (B, 2H, T, S)
+        if causal:
+            step_mask = causal_mask(t, k.shape[2], q.device)
+            mask = step_mask if mask is None else mask & step_mask
+        if mask is not None:  # a finite floor: fully masked (padding) rows stay finite
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        # softmax in at least float32 (bf16 scores under autocast), never below the input's dtype
+        probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        if self.training and self.dropout > 0:
+            probs = dropout(probs, self.dropout)
+        return probs
+
     def _keys_values(self, source: Tensor, rotary: RotaryEmbedding | None, offset: int):
         b, s, _ = source.shape
         k = self.k_proj(source).view(b, s, 2 * self.num_heads, self.head_dim).transpose(1, 2)
@@ -230,18 +245,7 @@ class MultiheadDiffAttention(_Attention):
         (A1 − λA2)·V costs one (T×S)·(S×2D) product per head, as much as standard attention's
         two (T×S)·(S×D) products; computing A1·V − λA2·V would cost twice that.
         """
-        b, _, t, d = q.shape
-        scores = (q * d**-0.5) @ k.transpose(-1, -2)  # (B, 2H, T, S)
-        if causal:
-            step_mask = causal_mask(t, k.shape[2], q.device)
-            mask = step_mask if mask is None else mask & step_mask
-        if mask is not None:  # a finite floor: fully masked (padding) rows stay finite
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        # softmax in at least float32 (bf16 scores under autocast), never below the input's dtype
-        probs = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-        probs = probs.to(v.dtype)
-        if self.training and self.dropout > 0:
-            probs = dropout(probs, self.dropout)
+        probs = self._explicit_probs(q, k, mask, causal).to(v.dtype)  # (B, 2H, T, S)
         probs = probs.unflatten(1, (self.num_heads, 2))  # (B, H, 2, T, S)
         return (probs[:, :, 0] - lam.to(v.dtype) * probs[:, :, 1]) @ v  # (B, H, T, 2D)
 
@@ -273,10 +277,18 @@ class MultiheadAttention(_Attention):
         b, s, _ = v.shape
         return v.view(b, s, 2 * self.num_heads, self.head_dim).transpose(1, 2)  # (B, 2H, S, D)
 
+    # On the CPU, small score maps are materialised as in the DIFF module: SDPA's CPU kernel is
+    # slow in bf16 (the small-enro training step: 527 vs 694 ms, BENCHMARKS.md); float32 and
+    # decoding are level. GPUs always take SDPA's fused kernels.
+    max_explicit_scores: int = 100 * 100
+
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
         b, _, t, _ = q.shape
-        p = self.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal=causal)  # (B, 2H, T, D)
+        if q.device.type == "cpu" and t * k.shape[2] <= self.max_explicit_scores:
+            o = self._explicit_probs(q, k, mask, causal).to(v.dtype) @ v  # (B, 2H, T, D)
+        else:
+            p = self.dropout if self.training else 0.0
+            o = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal=causal)
         return o.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, E)
 
 

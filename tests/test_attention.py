@@ -85,19 +85,20 @@ def reference_standard(attn, x, source, mask, use_rotary):
 
 
 def make(kind, layer_index=0):
-    """kind: "diff" (explicit maps), "diff-fused" (fused SDPA kernel) or "standard"."""
-    cls = MultiheadAttention if kind == "standard" else MultiheadDiffAttention
+    """kind: "diff" / "standard" (explicit maps on the CPU) or "*-fused" (SDPA kernels)."""
+    cls = MultiheadAttention if kind.startswith("standard") else MultiheadDiffAttention
     attn = cls(E, H, layer_index).double().eval()
-    if kind == "diff-fused":
+    if kind.endswith("-fused"):
         attn.max_explicit_scores = 0
-    if kind != "standard":  # random λ vectors far from init, and a non-trivial subln weight
+    if not kind.startswith("standard"):  # random λ far from init, a non-trivial subln weight
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             getattr(attn, name).data.normal_(0, 0.5)
         attn.subln.weight.data.uniform_(0.5, 1.5)
     return attn
 
 
-REFERENCES = {"diff": reference_diff, "diff-fused": reference_diff, "standard": reference_standard}
+REFERENCES = {"diff": reference_diff, "diff-fused": reference_diff, "standard": reference_standard,
+              "standard-fused": reference_standard}
 KINDS = list(REFERENCES)
 
 
