@@ -297,3 +297,20 @@ def test_resume_is_exact(shared, tmp_path):
             assert torch.allclose(state[key], resumed_opt["state"][index][key]), (index, key)
     for key, value in full["state_dict"].items():
         assert torch.allclose(value, resumed["state_dict"][key]), key
+
+
+@pytest.mark.parametrize("native, warned", [(True, False), (False, True), (None, False)])
+def test_bf16_on_a_cpu_warns_only_where_bf16_is_emulated(monkeypatch, caplog, native, warned):
+    from seq2seq_diff.cli import warn_slow_bf16
+
+    def check():
+        if native is None:  # a torch build without oneDNN's check: say nothing
+            raise RuntimeError("No such operator mkldnn::_is_mkldnn_bf16_supported")
+        return native
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", check)
+    with caplog.at_level("WARNING"):
+        warn_slow_bf16({"trainer": {"accelerator": "cpu", "precision": "bf16-mixed"}})
+        warn_slow_bf16({"trainer": {"accelerator": "cpu", "precision": "32-true"}})
+    assert ("bf16 is emulated" in caplog.text) == warned
+    assert caplog.text.count("bf16 is emulated") <= 1
