@@ -276,3 +276,28 @@ def test_official_state_dict_loads_strictly_and_matches(depth):
     official.float()
     ours.float()
     assert rel_err(ours(x.float(), causal=True), official(x.float())) < 1e-5
+
+
+def test_rotary_table_built_while_translating_serves_training():
+    # The table is cached; one first built under inference mode must still work with autograd.
+    rotary = RotaryEmbedding(8)
+    with torch.inference_mode():
+        rotary(torch.randn(1, 2, 3, 8), offset=5)
+    x = torch.randn(1, 2, 3, 8, requires_grad=True)
+    rotary(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_rotary_rotates_each_pair_by_its_angle_in_any_dtype(dtype):
+    rotary = RotaryEmbedding(4, base=100.0)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    out = rotary(x.to(dtype), offset=7).to(torch.float64)
+    theta = 100.0 ** (-torch.arange(0, 4, 2, dtype=torch.float64) / 4)  # (D/2,)
+    angle = (7 + torch.arange(5, dtype=torch.float64))[:, None] * theta  # (L, D/2)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack((x1 * angle.cos() - x2 * angle.sin(),
+                            x1 * angle.sin() + x2 * angle.cos()), dim=-1).flatten(-2)
+    tol = 1e-12 if dtype == torch.float64 else 3e-2
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    assert rotary(x.to(dtype)).dtype == dtype

@@ -165,12 +165,18 @@ def test_tiny_model_learns_to_reverse(kind):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     losses = []
-    for _ in range(250):
+    # Clipped, with the learning rate decaying to 0, as in training: over seeds 0-3 both kinds
+    # reverse 93-99 of 100 held-out sequences (a constant, unclipped 3e-3 ranged from 15 to 98).
+    steps = 300
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1 - i / steps)
+    for _ in range(steps):
         src, tgt_in, tgt_out = make_reverse_batch(generator)
         loss = F.cross_entropy(model(src, tgt_in).transpose(1, 2), tgt_out, ignore_index=0)
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
     assert sum(losses[-10:]) / 10 < 0.1 < losses[0]
     model.eval()
