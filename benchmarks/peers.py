@@ -15,13 +15,16 @@ ours is 2/3 of it (rounded up to 8), so the parameters and FLOPs match.
     python benchmarks/peers.py --device cuda --dtype bfloat16 --batch 128
     python benchmarks/peers.py --memory --batch 64  # peak RSS, training and beam 5, per engine
 
-On the CPU in float32 our models also decode with int8 dynamic quantisation (``translate --int8``).
+On the CPU in float32 our models also decode with int8 dynamic quantisation (``translate --int8``)
+and, on CPUs with AVX512-BF16/AMX, in bf16 (``translate --bf16``; HF's ``model.to(bfloat16)``
+beside it).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import sys
 import tempfile
@@ -37,6 +40,12 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 
 from seq2seq_diff.loss import smoothed_cross_entropy  # noqa: E402
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer  # noqa: E402
+from seq2seq_diff.quantize import (  # noqa: E402
+    cpu_bf16_native,
+    precision_context,
+    quantize_int8,
+    to_bf16,
+)
 from seq2seq_diff.search import beam_search, greedy_search  # noqa: E402
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
@@ -144,7 +153,15 @@ def train_step_fn(name: str, model, args) -> Callable[[], None]:
     return step
 
 
-def decode_fn(name: str, model, args, beam: int) -> Callable[[], None]:
+def decode_fn(name: str, model, args, beam: int, precision: str = "none") -> Callable[[], None]:
+    """Decode the batch with ``model``; ``precision`` 'bf16' runs ours under bf16 autocast."""
+    if precision != "none":
+        run = decode_fn(name, model, args, beam)
+
+        def in_precision() -> None:
+            with precision_context(precision, torch.device(args.device)):
+                run()
+        return in_precision
     src = make_batch(args)[0].to(args.device)
     mask = torch.ones_like(src, dtype=torch.bool)
     model.to(args.device).eval()
@@ -364,12 +381,16 @@ def main() -> None:
             print("ctranslate2 is not installed: no CTranslate2 (pip install -e .[bench])")
     decoders = dict(models)
     if args.device == "cpu" and args.dtype == "float32":
-        from seq2seq_diff.quantize import quantize_int8
-
         decoders["ours diff int8"] = quantize_int8(models["ours diff"])
         decoders["ours standard int8"] = quantize_int8(models["ours standard"])
+        if cpu_bf16_native():  # translate --bf16; HF's model.to(torch.bfloat16) beside it
+            decoders["ours diff bf16"] = to_bf16(models["ours diff"])
+            decoders["ours standard bf16"] = to_bf16(models["ours standard"])
+            if "hf" in models:
+                decoders["hf bf16"] = copy.deepcopy(models["hf"]).to(torch.bfloat16)
     for beam in args.beams:
-        fns = {name: decode_fn(name if name == "hf" else "ours", m, args, beam)
+        fns = {name: decode_fn("hf" if name.startswith("hf") else "ours", m, args, beam,
+                               "bf16" if name.startswith("ours") and "bf16" in name else "none")
                for name, m in decoders.items()}
         for name, engine in engines.items():
             split = args.batch // args.threads if "inter" in name else args.batch

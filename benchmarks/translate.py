@@ -1,4 +1,4 @@
-"""Translation speed (greedy vs beam 5) and peak memory (a book vs the same book ×10).
+"""Translation speed (greedy vs beam 5, float32/int8/bf16) and peak memory (a book vs the same book ×10).
 
 Speed: ``Translator.translate`` on the lines of a real file, greedy and beam search interleaved in
 one process, median over --repeats runs after one warm-up; sentences/s and output tokens/s.
@@ -7,6 +7,8 @@ Memory: ``python cli.py translate`` in a fresh child process on the book and on 
 
     python benchmarks/translate.py --model runs/demo/model
     python benchmarks/translate.py --model runs/demo/model --random-config configs/small-enro.yaml
+    python benchmarks/translate.py --model runs/small-enro/model --precisions none bf16 int8 \
+        --no-memory
 """
 
 from __future__ import annotations
@@ -29,21 +31,23 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "data/en-ro/book/gimp-manual-heldout.en"
 
 
-def build_translator(args, beam_size: int) -> Translator:
-    translator = Translator.from_pretrained(args.model, beam_size=beam_size)
+def build_translator(args, beam_size: int, quantize: str = "none") -> Translator:
+    translator = Translator.from_pretrained(args.model, beam_size=beam_size, quantize=quantize)
     if args.random_config:  # same tokenizer, the preset's dimensions, random weights
         with open(args.random_config) as f:
             values = yaml.safe_load(f)["model"]["config"]
         values["vocab_size"] = translator.tokenizer.vocab_size
         torch.manual_seed(0)
         model = Seq2SeqTransformer(ModelConfig(**values)).eval()
-        translator = Translator(model, translator.tokenizer, beam_size=beam_size)
+        translator = Translator(model, translator.tokenizer, beam_size=beam_size,
+                                quantize=quantize)
     return translator
 
 
 def speed(args, lines: list[str]) -> None:
-    translators = {f"beam {k}" if k > 1 else "greedy": build_translator(args, k)
-                   for k in args.beams}
+    translators = {f"{f'beam {k}' if k > 1 else 'greedy'} {precision}".replace(" none", ""):
+                   build_translator(args, k, precision)
+                   for k in args.beams for precision in args.precisions}
     runs: dict[str, list[tuple[float, int]]] = {name: [] for name in translators}
     for i in range(args.repeats + 1):
         for name, translator in translators.items():  # interleaved
@@ -57,11 +61,11 @@ def speed(args, lines: list[str]) -> None:
     print(f"model {args.random_config or args.model} ({model.config.attention}, "
           f"{model.num_parameters() / 1e6:.1f}M parameters), {len(lines)} lines of {args.input}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'search':>8} {'sent/s':>8} {'out tok/s':>10}")
+    print(f"{'search':>12} {'sent/s':>8} {'out tok/s':>10}")
     for name, results in runs.items():
         seconds = statistics.median(s for s, _ in results)
         tokens = statistics.median(t for _, t in results)
-        print(f"{name:>8} {len(lines) / seconds:>8.1f} {tokens / seconds:>10.0f}")
+        print(f"{name:>12} {len(lines) / seconds:>8.1f} {tokens / seconds:>10.0f}", flush=True)
 
 
 def peak_rss_mib(args, input_path: Path, output_path: Path) -> float:
@@ -97,6 +101,8 @@ def main() -> None:
     parser.add_argument("--input", default=str(BOOK))
     parser.add_argument("--lines", type=int, default=0, help="use only the first N lines")
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--precisions", nargs="+", default=["none"],
+                        choices=["none", "int8", "bf16"], help="float32 (none), --int8, --bf16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--times", type=int, default=10, help="book repetitions for memory")

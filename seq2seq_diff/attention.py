@@ -232,15 +232,27 @@ class MultiheadDiffAttention(_Attention):
         self.lambda_q2 = nn.Parameter(torch.zeros(d, dtype=torch.float32).normal_(0, 0.1))
         self.lambda_k2 = nn.Parameter(torch.zeros(d, dtype=torch.float32).normal_(0, 0.1))
         self.subln = RMSNorm(2 * d, eps=1e-5, elementwise_affine=True)
+        self._lambda_cache: tuple[tuple, Tensor] | None = None  # see lambda_full
 
     def lambda_full(self) -> Tensor:
         """The scalar λ = exp(λq1·λk1) − exp(λq2·λk2) + λ_init, in the parameters' dtype.
 
-        The λ vectors stay float32 under autocast, so λ is never computed in bf16.
+        The λ vectors stay float32 under autocast, so λ is never computed in bf16. Without
+        autograd (decoding) the value is reused until a λ vector changes (its version counter or
+        storage): eight ops per attention per decoding step saved.
         """
+        params = (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2)
+        reuse = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if reuse:
+            key = tuple((p.data_ptr(), p._version) for p in params)
+            if self._lambda_cache is not None and self._lambda_cache[0] == key:
+                return self._lambda_cache[1]
         lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1))
         lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2))
-        return lambda_1 - lambda_2 + self.lambda_init
+        lam = lambda_1 - lambda_2 + self.lambda_init
+        if reuse:
+            self._lambda_cache = (key, lam)
+        return lam
 
     def _split_v(self, v: Tensor) -> Tensor:
         b, s, _ = v.shape

@@ -149,11 +149,9 @@ def warn_slow_bf16(config: Any) -> None:
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if not (on_cpu and precision.startswith("bf16")):
         return
-    try:  # oneDNN's own check (the one torch.compile uses); private, so it may be missing
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    except (AttributeError, RuntimeError):  # a build without oneDNN: cannot tell, say nothing
-        return
-    if not native:
+    from seq2seq_diff.quantize import cpu_bf16_native
+
+    if cpu_bf16_native() is False:  # None: a build without oneDNN's check; cannot tell
         logger.warning("trainer.precision %s on a CPU without AVX512-BF16/AMX: bf16 is emulated "
                        "and slower than float32 here; use --trainer.precision 32-true", precision)
 

@@ -1,5 +1,9 @@
-"""Low-precision inference: int8 dynamic quantisation, and simulated k-bit weights.
+"""Low-precision inference: bf16, int8 dynamic quantisation, and simulated k-bit weights.
 
+- ``to_bf16``: every linear weight (the output projection untied first) stored in bfloat16, run
+  under bf16 autocast (``precision_context``) as in ``--trainer.precision bf16-mixed`` training:
+  matrix products in bf16; the residual stream, norms, softmaxes and search scores stay float32.
+  Needs bf16 matrix instructions on a CPU (AVX512-BF16 or AMX; ``cpu_bf16_native``) or a GPU.
 - ``quantize_int8``: PyTorch's dynamic quantisation of every ``nn.Linear`` (int8 weights with
   one scale per output channel; activations quantised on the fly), CPU only. The tied output
   projection is untied into its own ``nn.Linear`` first, so the largest matrix product
@@ -11,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -20,7 +25,7 @@ from torch import nn
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.model import Seq2SeqTransformer
 
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "bf16")
 
 
 def _untie_output(model: Seq2SeqTransformer) -> None:
@@ -28,6 +33,36 @@ def _untie_output(model: Seq2SeqTransformer) -> None:
         out = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
         out.weight = nn.Parameter(model.embed.weight.detach().clone())
         model.output_proj = out
+
+
+def cpu_bf16_native() -> bool | None:
+    """Whether this CPU has bf16 matrix instructions (oneDNN's own check); None if unknown."""
+    try:  # private, so a build without oneDNN may lack it
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def to_bf16(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
+    """A copy of ``model`` with bfloat16 linear weights; run it under ``precision_context``.
+
+    Embeddings, norms and the λ vectors keep float32; the tied output projection becomes its own
+    bf16 ``nn.Linear``, so no step casts the d_model × vocabulary matrix again.
+    """
+    model = copy.deepcopy(model).eval()
+    _untie_output(model)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16),
+                                         requires_grad=False)
+    return model
+
+
+def precision_context(mode: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """What a model prepared by ``apply_quantization(model, mode)`` runs under."""
+    if mode == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def quantize_int8(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
@@ -64,10 +99,12 @@ def fake_quantize_weights(model: Seq2SeqTransformer, bits: int,
 
 
 def apply_quantization(model: Seq2SeqTransformer, mode: str) -> Seq2SeqTransformer:
-    """``mode`` 'none' returns the model; 'int8' returns ``quantize_int8(model)``."""
+    """'none': the model; 'int8': ``quantize_int8(model)``; 'bf16': ``to_bf16(model)``."""
     if mode == "none":
         return model
     if mode == "int8":
         return quantize_int8(model)
+    if mode == "bf16":
+        return to_bf16(model)
     raise ConfigError(f"unknown quantization {mode!r}: choose one of "
                       f"{', '.join(QUANTIZE_CHOICES)}")

@@ -410,8 +410,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window-lines", type=int, default=2000, metavar="N",
                         help="input lines read, translated and saved at a time (default 2000)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--int8", action="store_true",
-                        help="int8 dynamic quantisation of the linear layers (CPU)")
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--int8", action="store_true",
+                           help="int8 dynamic quantisation of the linear layers (CPU)")
+    precision.add_argument("--bf16", action="store_true",
+                           help="bf16 weights and matrix products, float32 norms and scores "
+                                "(GPUs; CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     return parser
 
@@ -427,7 +431,13 @@ def cli_main(argv: list[str]) -> int:
                    max_tokens=args.max_tokens, max_sentence_tokens=args.max_sentence_tokens,
                    max_len_a=args.max_len_a, max_len_b=args.max_len_b, n_best=args.n_best,
                    lang=args.lang, context=args.context,  # None: the model's training setting
-                   quantize="int8" if args.int8 else "none")
+                   quantize="int8" if args.int8 else "bf16" if args.bf16 else "none")
+    if args.bf16 and args.device.split(":")[0] == "cpu":
+        from seq2seq_diff.quantize import cpu_bf16_native
+
+        if cpu_bf16_native() is False:
+            print("warning: --bf16 on a CPU without AVX512-BF16/AMX is emulated and slower than "
+                  "float32", file=sys.stderr)
     translator = Translator.from_pretrained(args.model, device=args.device, **options)
     if args.n_best > 1:
         stats = _write_nbest(translator, args)

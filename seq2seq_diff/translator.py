@@ -170,6 +170,8 @@ class Translator:
         context: Previous sentences of the paragraph given to a document-context model before
             each unit, each closed by eos, as in its training (``data.context``); 0 = none.
         device: Where the model runs.
+        quantize: "none" (float32), "int8" (dynamic int8 linear layers, CPU) or "bf16" (bf16
+            weights under autocast; CPUs with AVX512-BF16/AMX, GPUs): ``seq2seq_diff.quantize``.
     """
 
     def __init__(
@@ -206,8 +208,8 @@ class Translator:
         if quantize != "none":
             from seq2seq_diff.quantize import apply_quantization
 
-            if self.device.type != "cpu":
-                raise ConfigError(f"{quantize} quantisation runs on the CPU only, not on {device}")
+            if quantize == "int8" and self.device.type != "cpu":
+                raise ConfigError(f"int8 quantisation runs on the CPU only, not on {device}")
             model = apply_quantization(model, quantize)  # ConfigError for an unknown mode
         self.quantize = quantize
         self.model = model.to(self.device).eval()
@@ -376,6 +378,13 @@ class Translator:
 
     def _search(self, src: torch.Tensor, src_mask: torch.Tensor) -> list[list[tuple[list[int],
                                                                                        float]]]:
+        from seq2seq_diff.quantize import precision_context
+
+        with precision_context(self.quantize, self.device):
+            return self._search_in_precision(src, src_mask)
+
+    def _search_in_precision(self, src: torch.Tensor, src_mask: torch.Tensor
+                             ) -> list[list[tuple[list[int], float]]]:
         if self.beam_size == 1:
             tokens = greedy_search(self.model, src, src_mask, self.max_len_a, self.max_len_b)
             return [[(t, 0.0)] for t in tokens]

@@ -14,7 +14,12 @@ from seq2seq_diff.analysis import (
 from seq2seq_diff.attention import MultiheadAttention, MultiheadDiffAttention, RotaryEmbedding
 from seq2seq_diff.cli import main
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
-from seq2seq_diff.quantize import fake_quantize_weights, quantize_int8
+from seq2seq_diff.quantize import (
+    fake_quantize_weights,
+    precision_context,
+    quantize_int8,
+    to_bf16,
+)
 from seq2seq_diff.translator import Translator
 
 
@@ -135,6 +140,47 @@ def test_translate_cli_int8(model_dir, tmp_path, english):
     assert main(["translate", "--model", str(model_dir), "--input", str(src), "--output",
                  str(out), "--int8", "--beam-size", "2", "--quiet"]) == 0
     assert len(out.read_text(encoding="utf-8").splitlines()) == 4
+
+
+def test_bf16_inference_is_close_to_float_and_keeps_every_line(model_dir, english):
+    translator = Translator.from_pretrained(model_dir, beam_size=1)
+    model = translator.model
+    fast = to_bf16(model)
+    linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
+    assert fast.output_proj is not None and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert fast.embed.weight.dtype == torch.float32
+    assert model.decoder_layers[0].ffn.w1.weight.dtype == torch.float32  # the original is kept
+    src = torch.randint(4, 200, (2, 6))
+    tgt = torch.randint(4, 200, (2, 4))
+    with torch.no_grad():
+        reference = model(src, tgt)
+        with precision_context("bf16", torch.device("cpu")):
+            logits = fast(src, tgt).float()
+    assert (logits - reference).abs().max() / reference.abs().max() < 0.05
+    bf16 = Translator.from_pretrained(model_dir, beam_size=1, quantize="bf16")
+    lines = english[:12] + ["", "   "]
+    out = bf16.translate(lines)
+    assert len(out) == len(lines) and out[-2:] == ["", ""]
+    same = sum(a == b for a, b in zip(out, translator.translate(lines), strict=True))
+    assert same >= 9  # bf16 rounding may flip a close call in a few sentences
+
+
+def test_translate_cli_bf16_and_its_warning_on_cpus_without_bf16(model_dir, tmp_path, english,
+                                                                 monkeypatch, capsys):
+    import seq2seq_diff.quantize
+
+    src = tmp_path / "in.en"
+    src.write_text("\n".join(english[:4]) + "\n", encoding="utf-8")
+    out = tmp_path / "out.ro"
+    args = ["translate", "--model", str(model_dir), "--input", str(src), "--output", str(out),
+            "--bf16", "--beam-size", "2", "--quiet"]
+    for native in (True, False):
+        monkeypatch.setattr(seq2seq_diff.quantize, "cpu_bf16_native", lambda native=native: native)
+        assert main(args) == 0
+        assert len(out.read_text(encoding="utf-8").splitlines()) == 4
+        assert ("emulated" in capsys.readouterr().err) == (not native)
+    assert main(args + ["--int8"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
 
 
 def test_analyze_and_plot_attention_cli(model_dir, tmp_path, english, capsys):

@@ -301,3 +301,20 @@ def test_rotary_rotates_each_pair_by_its_angle_in_any_dtype(dtype):
     tol = 1e-12 if dtype == torch.float64 else 3e-2
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
     assert rotary(x.to(dtype)).dtype == dtype
+
+
+def test_lambda_is_reused_while_decoding_and_follows_every_parameter_change():
+    attn = MultiheadDiffAttention(E, 2, layer_index=1)
+    with torch.no_grad():
+        first = attn.lambda_full()
+        assert attn.lambda_full() is first  # reused without autograd
+        attn.lambda_q1.add_(0.5)  # an optimizer step or load_state_dict changes it in place
+        changed = attn.lambda_full()
+    assert changed is not first and not torch.equal(changed, first)
+    attn.load_state_dict({**attn.state_dict(), "lambda_k2": torch.zeros(attn.head_dim)})
+    with torch.inference_mode():
+        loaded = attn.lambda_full()
+    expected = (torch.exp(attn.lambda_q1 @ attn.lambda_k1) - 1.0 + attn.lambda_init).detach()
+    torch.testing.assert_close(loaded, expected)
+    trained = attn.lambda_full()  # with autograd: a fresh value that carries gradients
+    assert trained.requires_grad
