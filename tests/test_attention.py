@@ -318,3 +318,22 @@ def test_lambda_is_reused_while_decoding_and_follows_every_parameter_change():
     torch.testing.assert_close(loaded, expected)
     trained = attn.lambda_full()  # with autograd: a fresh value that carries gradients
     assert trained.requires_grad
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_bf16_decoding_attends_in_float32_over_a_float32_cache(kind):
+    attn = make(kind, 1).float().eval()
+    rotary = RotaryEmbedding(attn.head_dim)
+    x = torch.randn(2, 6, E)
+    source = torch.randn(2, 5, E)
+    with torch.no_grad():
+        full = attn(x, causal=True, rotary=rotary)
+        cross_full = attn(x, source=source)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cache, cross = KVCache(), KVCache(static=True)
+            steps = [attn(x[:, i : i + 1], causal=True, rotary=rotary, cache=cache)
+                     for i in range(6)]
+            cross_steps = [attn(x[:, i : i + 1], source=source, cache=cross) for i in range(6)]
+    assert cache.k.dtype == cache.v.dtype == cross.k.dtype == torch.float32
+    assert rel_err(torch.cat(steps, 1).float(), full) < 2e-2  # bf16 projections only
+    assert rel_err(torch.cat(cross_steps, 1).float(), cross_full) < 2e-2
