@@ -287,9 +287,12 @@ class MultiheadDiffAttention(_Attention):
         (A1 − λA2)·V costs one (T×S)·(S×2D) product per head, as much as standard attention's
         two (T×S)·(S×D) products; computing A1·V − λA2·V would cost twice that.
         """
-        probs = self._explicit_probs(q, k, mask, causal).to(v.dtype)  # (B, 2H, T, S)
+        probs = self._explicit_probs(q, k, mask, causal)  # (B, 2H, T, S), >= float32
         probs = probs.unflatten(1, (self.num_heads, 2))  # (B, H, 2, T, S)
-        return (probs[:, :, 0] - lam.to(v.dtype) * probs[:, :, 1]) @ v  # (B, H, T, 2D)
+        # One fused A1 − λ·A2 in the softmax's dtype, then one cast of the single map (under bf16
+        # autocast: half the cast of both maps, and no bf16 element-wise kernels).
+        diff = torch.addcmul(probs[:, :, 0], probs[:, :, 1], -lam.to(probs.dtype))
+        return diff.to(v.dtype) @ v  # (B, H, T, 2D)
 
     def _attend_fused(self, q, k, v, mask, causal, lam):
         """Fused SDPA with memory linear in length, for long sequences.
