@@ -267,10 +267,13 @@ def memory_child(args) -> None:
         fn = ct2_decode_fn(runner, args, 5, args.batch // inter)
     else:
         model = marian(args) if engine == "hf" else ours(engine.split()[1], args)
+        precision = engine.split()[2] if len(engine.split()) > 2 else "none"  # ours ... int8/bf16
+        if precision != "none":
+            model = quantize_int8(model) if precision == "int8" else to_bf16(model)
         base = _rss_mib()
         name = "hf" if engine == "hf" else "ours"
         fn = train_step_fn(name, model, args) if workload == "training" else decode_fn(
-            name, model, args, 5)
+            name, model, args, 5, "bf16" if precision == "bf16" else "none")
     for _ in range(3):
         fn()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -287,7 +290,7 @@ def memory_table(args, ct2_dir: Path | None) -> None:
             "--batch", str(args.batch), "--src-len", str(args.src_len), "--out-len",
             str(args.out_len), "--threads", str(args.threads)]
     engines = {"training": ["ours diff", "ours standard", "hf"],
-               "beam 5": ["ours diff", "ours standard", "hf"]}
+               "beam 5": ["ours diff", "ours standard", "ours diff int8", "ours diff bf16", "hf"]}
     if ct2_dir is not None:
         engines["beam 5"] += [f"ct2 {c} {layout}{args.threads}" for c in ("float32", "int8")
                               for layout in ("intra", "inter")]
