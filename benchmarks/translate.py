@@ -1,4 +1,4 @@
-"""Translation speed (greedy vs beam 5, float32/int8/bf16) and peak memory (a book vs the same book ×10).
+"""Translation speed (greedy, beam 5; float32, int8, bf16) and peak memory (a book vs the book ×10).
 
 Speed: ``Translator.translate`` on the lines of a real file, greedy and beam search interleaved in
 one process, median over --repeats runs after one warm-up; sentences/s and output tokens/s.

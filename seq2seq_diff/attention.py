@@ -36,8 +36,9 @@ class RotaryEmbedding(nn.Module):
     Pair (x1, x2) at position p rotates by p·θ_i: (x1 + i·x2)·e^{i·p·θ_i}, in eager mode as one
     complex product, a single kernel instead of the ten element-wise ops of the real form (8-27×
     faster on the CPU, the same numbers); under ``torch.compile`` in the real form, which inductor
-    fuses. Computed in at least float32, so bf16 inputs are rotated by exact angles. Holds no parameters and no length cap: the table grows on demand, so a long
-    document is never limited by a learned position table.
+    fuses. Computed in at least float32, so bf16 inputs are rotated by exact angles. Holds no
+    parameters and no length cap: the table grows on demand, so a long document is never limited
+    by a learned position table.
     """
 
     def __init__(self, dim: int, base: float = 10000.0):

@@ -81,13 +81,14 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        memory: Tensor,
+        memory: Tensor | None,
         memory_mask: Tensor | None,
         rotary: RotaryEmbedding | None,
         self_cache: KVCache | None = None,
         cross_cache: KVCache | None = None,
     ) -> Tensor:
-        """x (B, T, E); memory (B, S, E); memory_mask (B, 1, 1, S), True = real source token."""
+        """x (B, T, E); memory (B, S, E), None once ``cross_cache`` holds its keys and values;
+        memory_mask (B, 1, 1, S), True = real source token."""
         h = self.self_attn(self.self_attn_norm(x), causal=True, rotary=rotary, cache=self_cache)
         x = x + self.dropout(h)
         h = self.cross_attn(

@@ -200,19 +200,25 @@ class Seq2SeqTransformer(nn.Module):
         return DecoderCache(len(self.decoder_layers))
 
     def decode(
-        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, cache: DecoderCache | None = None
+        self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,
+        cache: DecoderCache | None = None,
     ) -> Tensor:
         """Decoder logits (B, T, V) for ``tgt_in`` (B, T).
 
         Without a cache, ``tgt_in`` is the whole prefix (teacher forcing). With one, ``tgt_in``
-        holds only the new positions; earlier ones come from the cache, which is extended.
+        holds only the new positions; earlier ones come from the cache, which is extended. Once
+        the cache holds the cross-attention keys and values (after its first step), ``memory``
+        is no longer read and may be None: searches then stop reordering it.
         """
         return self.project(self.decode_states(tgt_in, memory, src_mask, cache))
 
     def decode_states(
-        self, tgt_in: Tensor, memory: Tensor, src_mask: Tensor, cache: DecoderCache | None = None
+        self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,
+        cache: DecoderCache | None = None,
     ) -> Tensor:
         """The decoder's final states (B, T, E), before the output projection (see ``decode``)."""
+        if memory is None and (cache is None or cache.cross_attn[0].k is None):
+            raise ValueError("memory is needed until the cache holds the cross-attention keys")
         offset = 0 if cache is None else len(cache)
         mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         x = self._embed(tgt_in, offset)

@@ -66,8 +66,8 @@ def max_lengths(src_mask: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
     return (max_len_a * src_len + max_len_b).floor().clamp_min(0).long()
 
 
-def _next_logits(model: Seq2SeqTransformer, step: Tensor, memory: Tensor, src_mask: Tensor,
-                 cache) -> Tensor:
+def _next_logits(model: Seq2SeqTransformer, step: Tensor, memory: Tensor | None,
+                 src_mask: Tensor, cache) -> Tensor:
     """Next-token logits (rows, V) after ``step`` (rows, 1), at least float32."""
     logits = model.decode(step, memory, src_mask, cache=cache)[:, -1]  # (rows, V)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -117,7 +117,7 @@ def _decode_loop(
     batch = src.shape[0]
     if batch == 0:
         return []
-    memory = model.encode(src, src_mask)
+    memory: Tensor | None = model.encode(src, src_mask)
     row_max_len = max_lengths(src_mask, max_len_a, max_len_b)
     limit = int(row_max_len.max()) if batch else 0
     out = torch.full((batch, limit + 1), config.pad_id, dtype=torch.long, device=src.device)
@@ -129,6 +129,7 @@ def _decode_loop(
     while rows.numel():
         logits = _constrain(_next_logits(model, step, memory, src_mask, cache), t, row_max_len,
                             min_len, config)
+        memory = None  # in the cross-attention caches now: never reordered again
         token = pick(logits)  # (rows,)
         out[rows, t] = token
         finished = token == config.eos_id
@@ -139,7 +140,7 @@ def _decode_loop(
             # batch with mixed lengths it saves the decoder work of every finished row.
             keep = (~finished).nonzero().squeeze(1)
             cache.reorder(keep)
-            memory, src_mask = memory.index_select(0, keep), src_mask.index_select(0, keep)
+            src_mask = src_mask.index_select(0, keep)
             rows, row_max_len, token = rows[keep], row_max_len[keep], token[keep]
         step = token[:, None]
     return [out[i, : lengths[i]].tolist() for i in range(batch)]
@@ -296,9 +297,9 @@ def _beam_search(
     sent_max_len = max_lengths(src_mask, max_len_a, max_len_b)  # (B,)
     limit = int(sent_max_len.max())
 
-    # Expand the source to B·K rows once; beams of one sentence share it, so reordering beams
-    # never needs to touch memory again (only dropping done sentences does).
-    memory = model.encode(src, src_mask).repeat_interleave(k, dim=0)  # (B·K, S, E)
+    # Expand the source to B·K rows once for the first step, which fills the cross-attention
+    # caches; beams of one sentence share them, so only dropping done sentences moves them.
+    memory: Tensor | None = model.encode(src, src_mask).repeat_interleave(k, dim=0)  # (B·K, S, E)
     src_mask = src_mask.repeat_interleave(k, dim=0)  # (B·K, S)
     cache = model.new_cache()
 
@@ -319,6 +320,7 @@ def _beam_search(
         n = sents.numel()
         lprobs = torch.log_softmax(_next_logits(model, tokens[:, -1:], memory, src_mask, cache),
                                    dim=-1)
+        memory = None  # in the cross-attention caches now: never reordered again
         lprobs = _constrain(lprobs, t, row_max_len, min_len, config)
         cand = (scores.view(n * k, 1) + lprobs).view(n, k * vocab)
         top_scores, top_index = cand.topk(num_candidates, dim=1)  # (n, 2K)
@@ -370,7 +372,6 @@ def _beam_search(
             flat, scores, token = flat[keep], scores[keep], token[keep]
             sents = sents[keep]
             keep_rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
-            memory = memory.index_select(0, keep_rows)
             src_mask = src_mask.index_select(0, keep_rows)
             row_max_len = row_max_len.index_select(0, keep_rows)
             cache.reorder_cross(keep_rows)  # beams share their source: only dropping moves it

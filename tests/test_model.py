@@ -110,6 +110,11 @@ def test_cache_reorder_follows_rows(kind):
     cache.reorder(order)
     step = model.decode(tgt_in[order, 3:4], memory[order], mask[order], cache=cache)
     assert torch.allclose(step[:, 0], full[order, 3], atol=1e-10)
+    # Once the cross-attention caches are filled, memory is not read: searches pass None.
+    step = model.decode(tgt_in[order, 4:5], None, mask[order], cache=cache)
+    assert torch.allclose(step[:, 0], full[order, 4], atol=1e-10)
+    with pytest.raises(ValueError, match="memory is needed"):
+        model.decode(tgt_in[:, :1], None, mask, cache=model.new_cache())
 
 
 @pytest.mark.parametrize("kind", KINDS)
