@@ -381,15 +381,12 @@ class Translator:
         from seq2seq_diff.quantize import precision_context
 
         with precision_context(self.quantize, self.device):
-            return self._search_in_precision(src, src_mask)
-
-    def _search_in_precision(self, src: torch.Tensor, src_mask: torch.Tensor
-                             ) -> list[list[tuple[list[int], float]]]:
-        if self.beam_size == 1:
-            tokens = greedy_search(self.model, src, src_mask, self.max_len_a, self.max_len_b)
-            return [[(t, 0.0)] for t in tokens]
-        results = beam_search(self.model, src, src_mask, self.beam_size, self.length_penalty,
-                              self.max_len_a, self.max_len_b, n_best=self.n_best)
+            if self.beam_size == 1:
+                tokens = greedy_search(self.model, src, src_mask, self.max_len_a, self.max_len_b)
+                return [[(t, 0.0)] for t in tokens]
+            results = beam_search(self.model, src, src_mask, self.beam_size,
+                                  self.length_penalty, self.max_len_a, self.max_len_b,
+                                  n_best=self.n_best)
         return [[(h.tokens, h.score) for h in hyps] for hyps in results]
 
 
