@@ -15,7 +15,9 @@ ours is 2/3 of it (rounded up to 8), so the parameters and FLOPs match.
     python benchmarks/peers.py --device cuda --dtype bfloat16 --batch 128
     python benchmarks/peers.py --memory --batch 64  # peak RSS, training and beam 5, per engine
 
-On the CPU in float32 our models also decode with int8 dynamic quantisation (``translate --int8``)
+On the CPU in float32 our models decode as ``translate`` does, with oneDNN-packed linear weights
+(``seq2seq_diff.packed``; "torch-gemm" rows: the same models on torch's default GEMM), and also
+with int8 dynamic quantisation (``translate --int8``)
 and, on CPUs with AVX512-BF16/AMX, in bf16 (``translate --bf16``; HF's ``model.to(bfloat16)``
 beside it).
 """
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 
 from seq2seq_diff.loss import smoothed_cross_entropy  # noqa: E402
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer  # noqa: E402
+from seq2seq_diff.packed import pack_linears, packing_available  # noqa: E402
 from seq2seq_diff.quantize import (  # noqa: E402
     cpu_bf16_native,
     precision_context,
@@ -270,6 +273,8 @@ def memory_child(args) -> None:
         precision = engine.split()[2] if len(engine.split()) > 2 else "none"  # ours ... int8/bf16
         if precision != "none":
             model = quantize_int8(model) if precision == "int8" else to_bf16(model)
+        elif workload != "training" and engine != "hf" and packing_available():
+            model = pack_linears(model)  # as translate decodes in float32 on a CPU
         base = _rss_mib()
         name = "hf" if engine == "hf" else "ours"
         fn = train_step_fn(name, model, args) if workload == "training" else decode_fn(
@@ -383,6 +388,10 @@ def main() -> None:
         except ImportError:
             print("ctranslate2 is not installed: no CTranslate2 (pip install -e .[bench])")
     decoders = dict(models)
+    if args.device == "cpu" and args.dtype == "float32" and packing_available():
+        for kind in ("diff", "standard"):  # translate's default on a CPU; torch's GEMM beside it
+            decoders[f"ours {kind} torch-gemm"] = models[f"ours {kind}"]
+            decoders[f"ours {kind}"] = pack_linears(models[f"ours {kind}"])
     if args.device == "cpu" and args.dtype == "float32":
         decoders["ours diff int8"] = quantize_int8(models["ours diff"])
         decoders["ours standard int8"] = quantize_int8(models["ours standard"])

@@ -31,16 +31,19 @@ ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "data/en-ro/book/gimp-manual-heldout.en"
 
 
-def build_translator(args, beam_size: int, quantize: str = "none") -> Translator:
-    translator = Translator.from_pretrained(args.model, beam_size=beam_size, quantize=quantize)
+def build_translator(args, beam_size: int, precision: str = "none") -> Translator:
+    """``precision``: none (float32, oneDNN-packed as translate runs), unpacked (float32 on
+    torch's default GEMM), int8 or bf16."""
+    options = {"quantize": "none" if precision == "unpacked" else precision,
+               "pack": precision != "unpacked"}
+    translator = Translator.from_pretrained(args.model, beam_size=beam_size, **options)
     if args.random_config:  # same tokenizer, the preset's dimensions, random weights
         with open(args.random_config) as f:
             values = yaml.safe_load(f)["model"]["config"]
         values["vocab_size"] = translator.tokenizer.vocab_size
         torch.manual_seed(0)
         model = Seq2SeqTransformer(ModelConfig(**values)).eval()
-        translator = Translator(model, translator.tokenizer, beam_size=beam_size,
-                                quantize=quantize)
+        translator = Translator(model, translator.tokenizer, beam_size=beam_size, **options)
     return translator
 
 
@@ -102,7 +105,8 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=0, help="use only the first N lines")
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--precisions", nargs="+", default=["none"],
-                        choices=["none", "int8", "bf16"], help="float32 (none), --int8, --bf16")
+                        choices=["none", "unpacked", "int8", "bf16"],
+                        help="float32 (none: oneDNN-packed, unpacked: torch GEMM), --int8, --bf16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--times", type=int, default=10, help="book repetitions for memory")

@@ -228,6 +228,17 @@ class Seq2SeqTransformer(nn.Module):
             x = layer(x, memory, mask, self.rotary, self_cache, cross_cache)
         return self.decoder_norm(x)
 
+    def untie_output(self) -> None:
+        """Give the output projection its own copy of the embedding matrix (no-op if untied).
+
+        Inference copies do this before changing how the projection is computed (int8, bf16,
+        oneDNN-packed) so the embedding lookup keeps its float32 table.
+        """
+        if self.output_proj is None:
+            out = nn.Linear(self.config.d_model, self.config.vocab_size, bias=False)
+            out.weight = nn.Parameter(self.embed.weight.detach().clone())
+            self.output_proj = out
+
     def project(self, states: Tensor) -> Tensor:
         """Vocabulary logits (..., V) of decoder states (..., E)."""
         if self.output_proj is not None:  # untied, or quantised (seq2seq_diff.quantize)

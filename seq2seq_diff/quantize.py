@@ -28,13 +28,6 @@ from seq2seq_diff.model import Seq2SeqTransformer
 QUANTIZE_CHOICES = ("none", "int8", "bf16")
 
 
-def _untie_output(model: Seq2SeqTransformer) -> None:
-    if model.output_proj is None:
-        out = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
-        out.weight = nn.Parameter(model.embed.weight.detach().clone())
-        model.output_proj = out
-
-
 def cpu_bf16_native() -> bool | None:
     """Whether this CPU has bf16 matrix instructions (oneDNN's own check); None if unknown."""
     try:  # private, so a build without oneDNN may lack it
@@ -50,7 +43,7 @@ def to_bf16(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
     bf16 ``nn.Linear``, so no step casts the d_model × vocabulary matrix again.
     """
     model = copy.deepcopy(model).eval()
-    _untie_output(model)
+    model.untie_output()
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16),
@@ -68,7 +61,7 @@ def precision_context(mode: str, device: torch.device) -> contextlib.AbstractCon
 def quantize_int8(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
     """A copy of ``model`` with int8 dynamically quantised linear layers (CPU inference)."""
     model = copy.deepcopy(model).cpu().eval()
-    _untie_output(model)
+    model.untie_output()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantize.*deprecated.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -84,7 +77,7 @@ def fake_quantize_weights(model: Seq2SeqTransformer, bits: int,
     if not 2 <= bits <= 16:
         raise ValueError(f"bits must be between 2 and 16, got {bits}")
     model = copy.deepcopy(model).eval()
-    _untie_output(model)
+    model.untie_output()
     levels = 2 ** (bits - 1) - 1
     for module in model.modules():
         if isinstance(module, nn.Linear):

@@ -416,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--bf16", action="store_true",
                            help="bf16 weights and matrix products, float32 norms and scores "
                                 "(GPUs; CPUs with AVX512-BF16 or AMX)")
+    precision.add_argument("--no-pack", dest="pack", action="store_false",
+                           help="float32 on a CPU: keep torch's default GEMM instead of linear "
+                                "weights packed for oneDNN (the same function, slower)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     return parser
 
@@ -431,7 +434,8 @@ def cli_main(argv: list[str]) -> int:
                    max_tokens=args.max_tokens, max_sentence_tokens=args.max_sentence_tokens,
                    max_len_a=args.max_len_a, max_len_b=args.max_len_b, n_best=args.n_best,
                    lang=args.lang, context=args.context,  # None: the model's training setting
-                   quantize="int8" if args.int8 else "bf16" if args.bf16 else "none")
+                   quantize="int8" if args.int8 else "bf16" if args.bf16 else "none",
+                   pack=args.pack)
     if args.bf16 and args.device.split(":")[0] == "cpu":
         from seq2seq_diff.quantize import cpu_bf16_native
 
