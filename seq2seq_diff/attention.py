@@ -108,6 +108,14 @@ def causal_mask(query_len: int, key_len: int, device: torch.device | None = None
     return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)
 
 
+def _float_steps(x: Tensor) -> bool:
+    """Whether cached decoding attends in float32 over a float32 cache: on a CPU under bf16
+    autocast. oneDNN's bf16 batched products and bf16 copies are slower than float32's on
+    one-query steps (a greedy book translation: 1.15 s in bmm against 0.32 s); the projections
+    stay bf16."""
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+
+
 class _Attention(nn.Module):
     """Projections, rotary embedding and KV cache shared by both attention kinds."""
 
@@ -159,6 +167,22 @@ class _Attention(nn.Module):
             k = rotary(k, offset)  # (B, 2H, S, D)
         return k, self._split_v(self.v_proj(source))
 
+    def fill_static_cache(self, cache: KVCache, source: Tensor, repeats: int = 1,
+                          rotary: RotaryEmbedding | None = None) -> None:
+        """Compute the keys and values of ``source`` (B, S, E) into ``cache`` once, each row
+        repeated ``repeats`` times (B·repeats rows: beam search projects each source once for
+        its K beams instead of K copies of it).
+
+        Stored contiguous, or every decoding step's products would copy the projection's views;
+        in float32 when a CPU decodes under bf16 autocast (as ``forward`` attends then).
+        """
+        k, v = self._keys_values(source, rotary, 0)
+        if _float_steps(source):
+            k, v = k.float(), v.float()
+        if repeats > 1:  # a new contiguous tensor
+            k, v = k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0)
+        cache.k, cache.v = k.contiguous(), v.contiguous()
+
     def forward(
         self,
         x: Tensor,
@@ -185,25 +209,21 @@ class _Attention(nn.Module):
         q = self.q_proj(x).view(b, t, 2 * self.num_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q = rotary(q, offset)  # (B, 2H, T, D)
-        # Decoding on a CPU under bf16 autocast attends in float32, with a float32 cache: oneDNN's
-        # bf16 batched products and bf16 copies are slower than float32's on one-query steps
-        # (a greedy book translation: 1.15 s in bmm against 0.32 s). Projections stay bf16.
-        float_steps = (cache is not None and x.device.type == "cpu"
-                       and torch.is_autocast_enabled("cpu"))
+        float_steps = cache is not None and _float_steps(x)
         if float_steps:
             q = q.float()
-        if cache is not None and cache.static and cache.k is not None:
+        if cache is not None and cache.static:
+            if cache.k is None:
+                self.fill_static_cache(cache, x if source is None else source, rotary=rotary)
             k, v = cache.k, cache.v
         else:
             k, v = self._keys_values(x if source is None else source, rotary, offset)
             if float_steps:
                 k, v = k.float(), v.float()
             if cache is not None:
-                if not cache.static and cache.k is not None:
+                if cache.k is not None:
                     k = torch.cat([cache.k, k], dim=2)  # (B, 2H, offset+T, D)
                     v = torch.cat([cache.v, v], dim=2)
-                elif cache.static:  # contiguous once, or every step's matmuls copy the views
-                    k, v = k.contiguous(), v.contiguous()
                 cache.k, cache.v = k, v
         if causal and offset > 0:
             causal = False

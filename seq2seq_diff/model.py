@@ -195,9 +195,18 @@ class Seq2SeqTransformer(nn.Module):
             x = layer(x, mask, self.rotary)
         return self.encoder_norm(x)
 
-    def new_cache(self) -> DecoderCache:
-        """An empty cache for ``decode(..., cache=...)``, one step at a time."""
-        return DecoderCache(len(self.decoder_layers))
+    def new_cache(self, memory: Tensor | None = None, repeats: int = 1) -> DecoderCache:
+        """A cache for ``decode(..., cache=...)``, one step at a time.
+
+        Empty, or with ``memory`` (B, S, E) its cross-attention keys and values are computed now,
+        each row repeated ``repeats`` times (beam search: B·K rows for B sources, projected once
+        each), and every ``decode`` call may pass ``memory=None``.
+        """
+        cache = DecoderCache(len(self.decoder_layers))
+        if memory is not None:
+            for layer, cross in zip(self.decoder_layers, cache.cross_attn, strict=True):
+                layer.cross_attn.fill_static_cache(cross, memory, repeats)
+        return cache
 
     def decode(
         self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,

@@ -118,6 +118,29 @@ def test_cache_reorder_follows_rows(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_cache_filled_from_memory_with_repeats_equals_repeated_memory(kind):
+    """Beam search's cache: each source projected once, its keys repeated for its K beams."""
+    model = Seq2SeqTransformer(tiny(kind)).double().eval()
+    src, tgt_in = batch()
+    mask = src != 0
+    memory = model.encode(src, mask)
+    beams = 3
+    repeated = memory.repeat_interleave(beams, 0)
+    mask_k = mask.repeat_interleave(beams, 0)
+    tgt_k = tgt_in.repeat_interleave(beams, 0)
+    filled = model.new_cache(memory, repeats=beams)
+    reference = model.new_cache()
+    first = model.decode(tgt_k[:, :2], repeated, mask_k, cache=reference)
+    for ours, theirs in zip(filled.cross_attn, reference.cross_attn, strict=True):
+        assert ours.k.is_contiguous() and ours.v.is_contiguous()
+        assert torch.allclose(ours.k, theirs.k, atol=1e-12)
+        assert torch.allclose(ours.v, theirs.v, atol=1e-12)
+    assert torch.allclose(model.decode(tgt_k[:, :2], None, mask_k, cache=filled), first,
+                          atol=1e-12)
+    assert len(filled) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_no_nan_for_padded_rows_long_inputs_and_bf16(kind):
     model = Seq2SeqTransformer(tiny(kind)).eval()
     src, tgt_in = batch()
