@@ -133,6 +133,9 @@ class _Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        # Inference copies of self-attention (seq2seq_diff.packed) may replace the three input
+        # projections by one of 3E outputs, [Q; K; V]: one product per step instead of three.
+        self.qkv_proj: nn.Module | None = None
         # Analysis hook (seq2seq_diff.analysis): called as recorder(self, q, k, mask, causal)
         # with the attention's final queries, keys and mask; None in normal use.
         self.recorder: Any = None
@@ -160,12 +163,16 @@ class _Attention(nn.Module):
             probs = dropout(probs, self.dropout)
         return probs
 
-    def _keys_values(self, source: Tensor, rotary: RotaryEmbedding | None, offset: int):
+    def _keys_values(self, source: Tensor, rotary: RotaryEmbedding | None, offset: int,
+                     projected: tuple[Tensor, Tensor] | None = None):
+        """Keys (B, 2H, S, D) and values of ``source``; ``projected``: its K and V projections
+        (B, S, E) if already computed (by ``qkv_proj``)."""
         b, s, _ = source.shape
-        k = self.k_proj(source).view(b, s, 2 * self.num_heads, self.head_dim).transpose(1, 2)
+        k_lin, v_lin = projected or (self.k_proj(source), self.v_proj(source))
+        k = k_lin.view(b, s, 2 * self.num_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             k = rotary(k, offset)  # (B, 2H, S, D)
-        return k, self._split_v(self.v_proj(source))
+        return k, self._split_v(v_lin)
 
     def fill_static_cache(self, cache: KVCache, source: Tensor, repeats: int = 1,
                           rotary: RotaryEmbedding | None = None) -> None:
@@ -206,7 +213,13 @@ class _Attention(nn.Module):
         if source is not None and rotary is not None:
             raise ValueError("rotary embedding applies to self-attention only")
         offset = len(cache) if cache is not None and not cache.static else 0
-        q = self.q_proj(x).view(b, t, 2 * self.num_heads, self.head_dim).transpose(1, 2)
+        projected = None
+        if self.qkv_proj is not None and source is None and not (cache is not None
+                                                                      and cache.static):
+            q_lin, *projected = self.qkv_proj(x).split(self.d_model, dim=-1)
+        else:
+            q_lin = self.q_proj(x)
+        q = q_lin.view(b, t, 2 * self.num_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q = rotary(q, offset)  # (B, 2H, T, D)
         float_steps = cache is not None and _float_steps(x)
@@ -217,7 +230,7 @@ class _Attention(nn.Module):
                 self.fill_static_cache(cache, x if source is None else source, rotary=rotary)
             k, v = cache.k, cache.v
         else:
-            k, v = self._keys_values(x if source is None else source, rotary, offset)
+            k, v = self._keys_values(x if source is None else source, rotary, offset, projected)
             if float_steps:
                 k, v = k.float(), v.float()
             if cache is not None:

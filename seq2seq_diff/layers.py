@@ -21,9 +21,16 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(d_model, ffn_dim, bias=False)
         self.w2 = nn.Linear(ffn_dim, d_model, bias=False)
         self.dropout = Dropout(dropout)
+        # Inference copies (seq2seq_diff.packed) may replace w1 and w3 by one product of 2F
+        # outputs, [w1; w3].
+        self.w13: nn.Module | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(self.dropout(F.silu(self.w1(x)) * self.w3(x)))
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(self.dropout(F.silu(gate) * up))
 
 
 class EncoderLayer(nn.Module):

@@ -139,6 +139,15 @@ class DecoderCache:
             cache.reorder(index)
 
 
+def _stacked_linear(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free ``nn.Linear`` whose outputs are those of ``linears``, concatenated."""
+    weight = torch.cat([linear.weight for linear in linears])
+    stacked = nn.Linear(weight.shape[1], weight.shape[0], bias=False,
+                        device=weight.device, dtype=weight.dtype)
+    stacked.weight.copy_(weight)
+    return stacked.requires_grad_(linears[0].weight.requires_grad)
+
+
 def sinusoidal_positions(length: int, dim: int, offset: int = 0, device=None) -> Tensor:
     """Fixed sinusoidal position encodings (Vaswani et al. 2017), (length, dim)."""
     position = torch.arange(offset, offset + length, dtype=torch.float32, device=device)
@@ -247,6 +256,25 @@ class Seq2SeqTransformer(nn.Module):
             out = nn.Linear(self.config.d_model, self.config.vocab_size, bias=False)
             out.weight = nn.Parameter(self.embed.weight.detach().clone())
             self.output_proj = out
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """For inference copies: one product where training has several (no-op if done).
+
+        Every self-attention's Q, K and V projections become one ``qkv_proj`` of 3E outputs and
+        every feed-forward's w1 and w3 one ``w13`` of 2F outputs, so a decoding step runs two
+        matrix products per layer fewer (and int8 quantises each input once, not three times).
+        The same function; the separate modules are dropped (a fused model loads no training
+        checkpoint: fuse a copy).
+        """
+        for layer in [*self.encoder_layers, *self.decoder_layers]:
+            attn, ffn = layer.self_attn, layer.ffn
+            if attn.qkv_proj is None:
+                attn.qkv_proj = _stacked_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+                attn.q_proj = attn.k_proj = attn.v_proj = None
+            if ffn.w13 is None:
+                ffn.w13 = _stacked_linear(ffn.w1, ffn.w3)
+                ffn.w1 = ffn.w3 = None
 
     def project(self, states: Tensor) -> Tensor:
         """Vocabulary logits (..., V) of decoder states (..., E)."""

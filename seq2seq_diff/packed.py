@@ -9,9 +9,11 @@ small model run 1.1-1.3× faster with every linear layer packed (BENCHMARKS.md).
 the same oneDNN sgemm on this CPU.
 
 ``pack_linears`` returns a copy of a model whose ``nn.Linear`` layers (the tied output projection
-untied first) are ``PackedLinear``: same function, same float32 arithmetic up to the summation
-order of the GEMM. Inference only: a packed weight is an opaque oneDNN tensor without autograd,
-and ``copy.deepcopy`` of a packed model gives the plain model back.
+untied first, the self-attention and feed-forward input projections fused,
+``Seq2SeqTransformer.fuse_projections``) are ``PackedLinear``: same function, same float32
+arithmetic up to the summation order of the GEMM. Inference only: a packed weight is an opaque
+oneDNN tensor without autograd, and ``copy.deepcopy`` of a packed model gives a plain (fused)
+model back.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def pack_linears(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
     """A float32 CPU copy of ``model`` for inference with every linear layer a ``PackedLinear``."""
     model = copy.deepcopy(model).cpu().eval()
     model.untie_output()
+    model.fuse_projections()
 
     def swap(module: nn.Module) -> None:
         for name, child in module.named_children():

@@ -8,6 +8,8 @@
   one scale per output channel; activations quantised on the fly), CPU only. The tied output
   projection is untied into its own ``nn.Linear`` first, so the largest matrix product
   (d_model × vocabulary) is quantised too; the embedding stays float32.
+- Both (and ``seq2seq_diff.packed``) fuse the self-attention Q/K/V and the feed-forward w1/w3
+  projections of their copy first (``Seq2SeqTransformer.fuse_projections``).
 - ``fake_quantize_weights``: round every linear weight (and the output projection) to ``bits``
   bits, symmetric per group of ``group_size`` input columns, and store it back in float32: the
   accuracy of k-bit weight-only quantisation, without its kernels (for robustness studies).
@@ -44,6 +46,7 @@ def to_bf16(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
     """
     model = copy.deepcopy(model).eval()
     model.untie_output()
+    model.fuse_projections()
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16),
@@ -62,6 +65,7 @@ def quantize_int8(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
     """A copy of ``model`` with int8 dynamically quantised linear layers (CPU inference)."""
     model = copy.deepcopy(model).cpu().eval()
     model.untie_output()
+    model.fuse_projections()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantize.*deprecated.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -1,5 +1,7 @@
 """The encoder-decoder: config checks, A/B parameter parity, padding, cache, learning."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,6 +140,26 @@ def test_cache_filled_from_memory_with_repeats_equals_repeated_memory(kind):
     assert torch.allclose(model.decode(tgt_k[:, :2], None, mask_k, cache=filled), first,
                           atol=1e-12)
     assert len(filled) == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_projections_compute_the_same_function(kind):
+    model = Seq2SeqTransformer(tiny(kind)).double().eval()
+    fused = copy.deepcopy(model)
+    fused.fuse_projections()
+    fused.fuse_projections()  # idempotent
+    for layer in [*fused.encoder_layers, *fused.decoder_layers]:
+        assert layer.self_attn.q_proj is None and layer.ffn.w1 is None
+        assert layer.self_attn.qkv_proj.weight.shape == (3 * 32, 32)
+    for layer in fused.decoder_layers:  # cross-attention reads two inputs: never fused
+        assert layer.cross_attn.qkv_proj is None and layer.cross_attn.q_proj is not None
+    src, tgt_in = batch()
+    mask = src != 0
+    assert torch.allclose(fused(src, tgt_in), model(src, tgt_in), atol=1e-12)
+    memory = fused.encode(src, mask)
+    cache = fused.new_cache(memory)
+    steps = [fused.decode(tgt_in[:, i : i + 1], None, mask, cache=cache) for i in range(5)]
+    assert torch.allclose(torch.cat(steps, 1), model(src, tgt_in)[:, :5], atol=1e-10)
 
 
 @pytest.mark.parametrize("kind", KINDS)

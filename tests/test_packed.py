@@ -49,8 +49,8 @@ def test_packed_model_computes_the_same_logits_and_leaves_the_original(attention
     before = {name: p.clone() for name, p in model.state_dict().items()}
     packed = pack_linears(model)
     assert not any(isinstance(m, nn.Linear) for m in packed.modules())
-    # 4 + 3 per encoder layer, 8 + 3 per decoder layer, the output projection
-    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 7 + 2 * 11 + 1
+    # fused: qkv, out, w13, w2 per encoder layer; + cross q, k, v, out per decoder layer; output
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 4 + 2 * 8 + 1
     assert model.output_proj is None if tie else isinstance(model.output_proj, nn.Linear)
     assert all(torch.equal(p, before[name]) for name, p in model.state_dict().items())
     src = torch.randint(4, 300, (3, 9))
@@ -81,9 +81,11 @@ def test_a_copy_of_a_packed_model_is_plain_so_int8_still_quantises_it():
     assert not any(isinstance(m, PackedLinear) for m in plain.modules())
     torch.testing.assert_close(plain.decoder_layers[1].ffn.w2.weight,
                                model.decoder_layers[1].ffn.w2.weight, rtol=0, atol=0)
+    torch.testing.assert_close(plain.encoder_layers[0].self_attn.qkv_proj.weight[:64],
+                               model.encoder_layers[0].self_attn.q_proj.weight, rtol=0, atol=0)
     quantized = quantize_int8(packed)
     dynamic = torch.ao.nn.quantized.dynamic.Linear
-    assert sum(isinstance(m, dynamic) for m in quantized.modules()) == 2 * 7 + 2 * 11 + 1
+    assert sum(isinstance(m, dynamic) for m in quantized.modules()) == 2 * 4 + 2 * 8 + 1
 
 
 def test_translator_packs_float32_cpu_models_unless_told_not_to(model_dir, english):
