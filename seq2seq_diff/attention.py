@@ -15,7 +15,6 @@ only in how they attend, so the A/B comparison changes exactly one thing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,27 +79,80 @@ class RotaryEmbedding(nn.Module):
         return rotated.flatten(-2).to(x.dtype)
 
 
-@dataclass
 class KVCache:
     """Keys and values of one attention for incremental decoding.
 
     ``k`` is (B, 2H, L, D); ``v`` is (B, H, L, 2D) for differential and (B, 2H, L, D) for standard
     attention. Self-attention appends one step at a time; cross-attention (``static``) computes its
     keys and values once per source and reuses them.
+
+    A self-attention cache defers ``reorder`` to its next ``append``, which writes the reordered
+    rows and the new positions into one new tensor: one copy of the cache a step instead of two
+    (an ``index_select`` and a ``cat``), which beam search pays every step. Reading ``k``/``v``
+    in between applies a pending reorder first, so readers never see stale rows.
     """
 
-    k: Tensor | None = None
-    v: Tensor | None = None
-    static: bool = False
+    def __init__(self, static: bool = False):
+        self.static = static
+        self._k: Tensor | None = None
+        self._v: Tensor | None = None
+        self._pending: Tensor | None = None  # rows to take, deferred until the next append
+
+    @property
+    def k(self) -> Tensor | None:
+        self._apply_pending()
+        return self._k
+
+    @property
+    def v(self) -> Tensor | None:
+        self._apply_pending()
+        return self._v
+
+    def set(self, k: Tensor, v: Tensor) -> None:
+        """Replace the contents (cross-attention: the source's keys and values)."""
+        self._k, self._v, self._pending = k, v, None
 
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return 0 if self._k is None else self._k.shape[2]
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in that order: beam reordering or dropping rows."""
-        if self.k is not None:
-            self.k = self.k.index_select(0, index)
-            self.v = self.v.index_select(0, index)
+        if self._k is None:
+            return
+        if self.static:
+            self._k = self._k.index_select(0, index)
+            self._v = self._v.index_select(0, index)
+        else:  # composed with an earlier pending reorder: row i takes old row pending[index[i]]
+            self._pending = index if self._pending is None else self._pending[index]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append T new positions (B', ., T, .) after the (reordered) cached ones; all of them."""
+        if self._k is None:
+            self._k, self._v = k, v
+        else:
+            self._k = _take_and_append(self._k, self._pending, k)
+            self._v = _take_and_append(self._v, self._pending, v)
+            self._pending = None
+        return self._k, self._v
+
+    def _apply_pending(self) -> None:
+        if self._pending is not None:
+            self._k = self._k.index_select(0, self._pending)
+            self._v = self._v.index_select(0, self._pending)
+            self._pending = None
+
+
+def _take_and_append(cached: Tensor, rows: Tensor | None, new: Tensor) -> Tensor:
+    """``cat([cached[rows], new], dim=2)`` written once into a new tensor (rows None: all)."""
+    if rows is None:
+        return torch.cat([cached, new], dim=2)
+    if torch.is_grad_enabled() and (cached.requires_grad or new.requires_grad):
+        return torch.cat([cached.index_select(0, rows), new], dim=2)  # out= has no autograd
+    length = cached.shape[2]
+    out = new.new_empty(new.shape[0], new.shape[1], length + new.shape[2], new.shape[3])
+    torch.index_select(cached, 0, rows, out=out[:, :, :length])
+    out[:, :, length:] = new
+    return out
 
 
 def causal_mask(query_len: int, key_len: int, device: torch.device | None = None) -> Tensor:
@@ -188,7 +240,7 @@ class _Attention(nn.Module):
             k, v = k.float(), v.float()
         if repeats > 1:  # a new contiguous tensor
             k, v = k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0)
-        cache.k, cache.v = k.contiguous(), v.contiguous()
+        cache.set(k.contiguous(), v.contiguous())
 
     def forward(
         self,
@@ -234,10 +286,7 @@ class _Attention(nn.Module):
             if float_steps:
                 k, v = k.float(), v.float()
             if cache is not None:
-                if cache.k is not None:
-                    k = torch.cat([cache.k, k], dim=2)  # (B, 2H, offset+T, D)
-                    v = torch.cat([cache.v, v], dim=2)
-                cache.k, cache.v = k, v
+                k, v = cache.append(k, v)  # (B, 2H, offset+T, D)
         if causal and offset > 0:
             causal = False
             if t > 1:  # one new step sees everything cached; several need a bottom-right mask

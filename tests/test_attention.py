@@ -155,6 +155,30 @@ def test_cached_causal_self_attention_equals_full(kind):
     assert rel_err(torch.cat(parts, 1), full) < 1e-12
 
 
+def test_deferred_reorder_is_applied_once_at_the_next_append_or_read():
+    """Beam search reorders, then appends: one copy of the cache, the rows of two."""
+    k, v = torch.randn(4, 2, 3, 5), torch.randn(4, 2, 3, 5)
+    new_k, new_v = torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5)
+    first, second = torch.tensor([3, 1, 1, 0]), torch.tensor([2, 0, 1])  # then drop a row
+    for grad in (False, True):  # with autograd on, out= cannot be used: the plain path
+        with torch.set_grad_enabled(grad):
+            cache = KVCache()
+            cache.append(k.clone().requires_grad_(grad), v.clone())
+            cache.reorder(first)
+            cache.reorder(second)
+            assert len(cache) == 3
+            got_k, got_v = cache.append(new_k, new_v)
+        rows = first[second]
+        assert torch.equal(got_k, torch.cat([k[rows], new_k], 2))
+        assert torch.equal(got_v, torch.cat([v[rows], new_v], 2))
+    cache = KVCache()
+    cache.append(k, v)
+    cache.reorder(first)
+    assert torch.equal(cache.k, k[first]) and torch.equal(cache.v, v[first])  # read: applied
+    got_k, _ = cache.append(torch.randn(4, 2, 1, 5), torch.randn(4, 2, 1, 5))
+    assert torch.equal(got_k[:, :, :3], k[first])  # and not applied twice
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cross_attention_cache_computes_keys_once(kind):
     attn = make(kind)
