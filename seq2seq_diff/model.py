@@ -6,6 +6,7 @@ Token conventions: ``src`` = pieces + [eos]; ``tgt_in`` = [bos] + pieces; right-
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -225,8 +226,8 @@ class Seq2SeqTransformer(nn.Module):
 
         Without a cache, ``tgt_in`` is the whole prefix (teacher forcing). With one, ``tgt_in``
         holds only the new positions; earlier ones come from the cache, which is extended. Once
-        the cache holds the cross-attention keys and values (after its first step), ``memory``
-        is no longer read and may be None: searches then stop reordering it.
+        the cache holds the cross-attention keys and values (after its first step, or from
+        ``new_cache(memory)``), ``memory`` is no longer read and may be None.
         """
         return self.project(self.decode_states(tgt_in, memory, src_mask, cache))
 
@@ -256,6 +257,14 @@ class Seq2SeqTransformer(nn.Module):
             out = nn.Linear(self.config.d_model, self.config.vocab_size, bias=False)
             out.weight = nn.Parameter(self.embed.weight.detach().clone())
             self.output_proj = out
+
+    def inference_copy(self) -> Seq2SeqTransformer:
+        """A copy in eval mode, output projection untied and projections fused: what the int8,
+        bf16 and oneDNN-packed variants start from before converting its linear layers."""
+        model = copy.deepcopy(self).eval()
+        model.untie_output()
+        model.fuse_projections()
+        return model
 
     @torch.no_grad()
     def fuse_projections(self) -> None:

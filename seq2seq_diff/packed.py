@@ -18,7 +18,6 @@ model back.
 
 from __future__ import annotations
 
-import copy
 import functools
 
 import torch
@@ -81,9 +80,7 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
     """A float32 CPU copy of ``model`` for inference with every linear layer a ``PackedLinear``."""
-    model = copy.deepcopy(model).cpu().eval()
-    model.untie_output()
-    model.fuse_projections()
+    model = model.inference_copy().cpu()
 
     def swap(module: nn.Module) -> None:
         for name, child in module.named_children():

@@ -44,9 +44,7 @@ def to_bf16(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
     Embeddings, norms and the λ vectors keep float32; the tied output projection becomes its own
     bf16 ``nn.Linear``, so no step casts the d_model × vocabulary matrix again.
     """
-    model = copy.deepcopy(model).eval()
-    model.untie_output()
-    model.fuse_projections()
+    model = model.inference_copy()
     for module in model.modules():
         if isinstance(module, nn.Linear):
             module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16),
@@ -63,9 +61,7 @@ def precision_context(mode: str, device: torch.device) -> contextlib.AbstractCon
 
 def quantize_int8(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
     """A copy of ``model`` with int8 dynamically quantised linear layers (CPU inference)."""
-    model = copy.deepcopy(model).cpu().eval()
-    model.untie_output()
-    model.fuse_projections()
+    model = model.inference_copy().cpu()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*quantize.*deprecated.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -295,8 +295,8 @@ def _beam_search(
     sent_max_len = max_lengths(src_mask, max_len_a, max_len_b)  # (B,)
     limit = int(sent_max_len.max())
 
-    # Expand the source to B·K rows once for the first step, which fills the cross-attention
-    # caches; beams of one sentence share them, so only dropping done sentences moves them.
+    # Each source's cross-attention keys and values, projected once and repeated for its K beams;
+    # beams of one sentence share them, so only dropping done sentences moves them.
     cache = model.new_cache(model.encode(src, src_mask), repeats=k)  # cross keys: B·K rows
     src_mask = src_mask.repeat_interleave(k, dim=0)  # (B·K, S)
 
