@@ -226,11 +226,11 @@ class _Attention(nn.Module):
             k = rotary(k, offset)  # (B, 2H, S, D)
         return k, self._split_v(v_lin)
 
-    def fill_static_cache(self, cache: KVCache, source: Tensor, repeats: int = 1,
+    def fill_static_cache(self, cache: KVCache, source: Tensor,
                           rotary: RotaryEmbedding | None = None) -> None:
-        """Compute the keys and values of ``source`` (B, S, E) into ``cache`` once, each row
-        repeated ``repeats`` times (B·repeats rows: beam search projects each source once for
-        its K beams instead of K copies of it).
+        """Compute the keys and values of ``source`` (B, S, E) into ``cache`` once (beam search
+        then repeats each source's rows for its K beams with ``cache.reorder``: one projection
+        per source, not K).
 
         Stored contiguous, or every decoding step's products would copy the projection's views;
         in float32 when a CPU decodes under bf16 autocast (as ``forward`` attends then).
@@ -238,8 +238,6 @@ class _Attention(nn.Module):
         k, v = self._keys_values(source, rotary, 0)
         if _float_steps(source):
             k, v = k.float(), v.float()
-        if repeats > 1:  # a new contiguous tensor
-            k, v = k.repeat_interleave(repeats, dim=0), v.repeat_interleave(repeats, dim=0)
         cache.set(k.contiguous(), v.contiguous())
 
     def forward(

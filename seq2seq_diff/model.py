@@ -205,17 +205,17 @@ class Seq2SeqTransformer(nn.Module):
             x = layer(x, mask, self.rotary)
         return self.encoder_norm(x)
 
-    def new_cache(self, memory: Tensor | None = None, repeats: int = 1) -> DecoderCache:
+    def new_cache(self, memory: Tensor | None = None) -> DecoderCache:
         """A cache for ``decode(..., cache=...)``, one step at a time.
 
-        Empty, or with ``memory`` (B, S, E) its cross-attention keys and values are computed now,
-        each row repeated ``repeats`` times (beam search: B·K rows for B sources, projected once
-        each), and every ``decode`` call may pass ``memory=None``.
+        Empty, or with ``memory`` (B, S, E) its cross-attention keys and values are computed now
+        and every ``decode`` call may pass ``memory=None``. Beam search repeats each source's
+        rows for its K beams afterwards (``reorder_cross``): projected once per source.
         """
         cache = DecoderCache(len(self.decoder_layers))
         if memory is not None:
             for layer, cross in zip(self.decoder_layers, cache.cross_attn, strict=True):
-                layer.cross_attn.fill_static_cache(cross, memory, repeats)
+                layer.cross_attn.fill_static_cache(cross, memory)
         return cache
 
     def decode(

@@ -275,6 +275,13 @@ def beam_search(
                             max_len_b, min_len, n_best)
 
 
+def _widen(cache, src_mask: Tensor, row_max_len: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """One row per sentence -> K: the cross-attention keys (in ``cache``), source mask and caps."""
+    rows = torch.arange(src_mask.shape[0], device=src_mask.device).repeat_interleave(k)
+    cache.reorder_cross(rows)
+    return src_mask.index_select(0, rows), row_max_len.index_select(0, rows)
+
+
 def _beam_search(
     model: Seq2SeqTransformer,
     src: Tensor,
@@ -295,36 +302,39 @@ def _beam_search(
     sent_max_len = max_lengths(src_mask, max_len_a, max_len_b)  # (B,)
     limit = int(sent_max_len.max())
 
-    # Each source's cross-attention keys and values, projected once and repeated for its K beams;
-    # beams of one sentence share them, so only dropping done sentences moves them.
-    cache = model.new_cache(model.encode(src, src_mask), repeats=k)  # cross keys: B·K rows
-    src_mask = src_mask.repeat_interleave(k, dim=0)  # (B·K, S)
-
+    num_candidates = min(2 * k, k * vocab)
+    # The first step has one live beam per sentence: it runs on B rows (as CTranslate2 does),
+    # and the rows, the source mask and the cross-attention keys grow to B·K after it. Each
+    # source's cross keys are projected once; beams of one sentence share them, so after that
+    # only dropping done sentences moves them.
+    width = 1 if vocab >= num_candidates else k  # rows per sentence in this step
+    cache = model.new_cache(model.encode(src, src_mask))  # cross keys: B rows
     sents = torch.arange(batch, device=device)  # (n,) original sentence of each active one
-    row_max_len = sent_max_len.repeat_interleave(k)  # (n·K,)
+    row_max_len = sent_max_len
+    if width > 1:
+        src_mask, row_max_len = _widen(cache, src_mask, row_max_len, k)
     # Scores in the log-prob dtype: float32 (for float32/16 models) or float64 (float64 models).
     dtype = torch.promote_types(next(model.parameters()).dtype, torch.float32)
     scores = torch.full((batch, k), NEG_INF, device=device, dtype=dtype)
     scores[:, 0] = 0.0  # one live beam at first, so the K beams do not start as copies
-    tokens = torch.full((batch * k, 1), config.bos_id, dtype=torch.long, device=device)
+    tokens = torch.full((batch * width, 1), config.bos_id, dtype=torch.long, device=device)
     fin_scores = torch.full((batch, k), NEG_INF, device=device, dtype=dtype)
     fin_tokens = torch.full((batch, k, limit + 1), config.pad_id, dtype=torch.long, device=device)
     fin_lengths = torch.zeros((batch, k), dtype=torch.long, device=device)
-    num_candidates = min(2 * k, k * vocab)
 
     t = 0  # pieces in every open hypothesis
     while sents.numel():
         n = sents.numel()
-        logits = _next_logits(model, tokens[:, -1:], src_mask, cache)  # (n·K, V)
+        logits = _next_logits(model, tokens[:, -1:], src_mask, cache)  # (n·width, V)
         # In place, over the logits the projection has just written: a fresh (n·K, V) buffer per
         # op is cold memory, and each cost 1.4-2.2 ms a step instead of 0.1-0.6 (beam 5, 32
         # sentences, vocabulary 8k). Row-wise log_softmax reads a row before writing it.
         lprobs = _constrain(torch.log_softmax(logits, dim=-1, out=logits), t, row_max_len,
                             min_len, config)
-        cand = lprobs.add_(scores.view(n * k, 1)).view(n, k * vocab)
+        cand = lprobs.add_(scores[:, :width].reshape(n * width, 1)).view(n, width * vocab)
         top_scores, top_index = cand.topk(num_candidates, dim=1)  # (n, 2K)
         top_scores, top_index = _rank_stably(top_scores, top_index)
-        beam = top_index // vocab  # (n, 2K) beam each candidate extends
+        beam = top_index // vocab  # (n, 2K) beam (row of its sentence) each candidate extends
         token = top_index % vocab
         is_eos = token == config.eos_id
         alive = top_scores > NEG_INF
@@ -335,7 +345,7 @@ def _beam_search(
         if bool(finish.any()):
             normalized = top_scores / length_penalty_factor(t + 1.0, alpha)
             new_scores = normalized.masked_fill(~finish, NEG_INF)  # (n, 2K)
-            prefix = tokens.view(n, k, t + 1)[:, :, 1:]  # (n, K, t) pieces, no bos
+            prefix = tokens.view(n, width, t + 1)[:, :, 1:]  # (n, width, t) pieces, no bos
             new_tokens = torch.full((n, num_candidates, limit + 1), config.pad_id,
                                     dtype=torch.long, device=device)
             new_tokens[:, :, :t] = prefix.gather(1, beam[:, :, None].expand(n, -1, t))
@@ -365,15 +375,18 @@ def _beam_search(
         bound = scores.max(dim=1).values / best_lp
         done = fin_scores[sents, k - 1] >= bound  # (n,)
 
-        flat = (torch.arange(n, device=device)[:, None] * k + beam)  # (n, K) rows to keep
+        flat = (torch.arange(n, device=device)[:, None] * width + beam)  # (n, K) rows to keep
         if bool(done.any()):
             keep = (~done).nonzero().squeeze(1)
             flat, scores, token = flat[keep], scores[keep], token[keep]
             sents = sents[keep]
-            keep_rows = (keep[:, None] * k + torch.arange(k, device=device)).view(-1)
+            keep_rows = (keep[:, None] * width + torch.arange(width, device=device)).view(-1)
             src_mask = src_mask.index_select(0, keep_rows)
             row_max_len = row_max_len.index_select(0, keep_rows)
             cache.reorder_cross(keep_rows)  # beams share their source: only dropping moves it
+        if width < k:  # after the first step: K rows per sentence
+            src_mask, row_max_len = _widen(cache, src_mask, row_max_len, k)
+            width = k
         flat = flat.view(-1)
         cache.reorder_self(flat)  # one reorder per step: beam reordering and dropping at once
         tokens = torch.cat([tokens.index_select(0, flat), token.view(-1, 1)], dim=1)

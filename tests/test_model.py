@@ -120,8 +120,8 @@ def test_cache_reorder_follows_rows(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cache_filled_from_memory_with_repeats_equals_repeated_memory(kind):
-    """Beam search's cache: each source projected once, its keys repeated for its K beams."""
+def test_cache_filled_from_memory_then_repeated_equals_repeated_memory(kind):
+    """Beam search's cache: each source projected once, its rows repeated for its K beams."""
     model = Seq2SeqTransformer(tiny(kind)).double().eval()
     src, tgt_in = batch()
     mask = src != 0
@@ -130,7 +130,8 @@ def test_cache_filled_from_memory_with_repeats_equals_repeated_memory(kind):
     repeated = memory.repeat_interleave(beams, 0)
     mask_k = mask.repeat_interleave(beams, 0)
     tgt_k = tgt_in.repeat_interleave(beams, 0)
-    filled = model.new_cache(memory, repeats=beams)
+    filled = model.new_cache(memory)
+    filled.reorder_cross(torch.arange(len(src)).repeat_interleave(beams))
     reference = model.new_cache()
     first = model.decode(tgt_k[:, :2], repeated, mask_k, cache=reference)
     for ours, theirs in zip(filled.cross_attn, reference.cross_attn, strict=True):

@@ -234,6 +234,28 @@ def test_beam_cached_equals_uncached_reference(attention, alpha, min_len):
         assert [h.score for h in hyps] == pytest.approx([h.score for h in want], abs=1e-9)
 
 
+def test_beam_first_step_runs_once_per_sentence(monkeypatch):
+    """Step 1 has one live beam per sentence: it decodes B rows, the later steps B·K."""
+    model = random_model("diff")
+    src = random_batch(5)
+    rows = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda tgt_in, *a, **kw: (
+        rows.append(tgt_in.shape[0]), decode(tgt_in, *a, **kw))[1])
+    beam_search(model, src, src != PAD, beam_size=4, min_len=3, max_len_a=0.0, max_len_b=4)
+    assert rows[0] == 5 and rows[1] == 5 * 4
+
+
+def test_beam_with_fewer_candidates_than_two_beams_per_row():
+    """A vocabulary under 2K pieces: the first step runs on all K rows, results unchanged."""
+    model = random_model("standard", vocab=7)
+    src = random_batch(4, vocab=7)
+    got = beam_search(model, src, src != PAD, beam_size=4, n_best=4)
+    for row, hyps in zip(src, got, strict=True):
+        want = reference_beam(model, row, 4, 1.0)
+        assert [h.tokens for h in hyps] == [h.tokens for h in want]
+
+
 def test_beam_cached_equals_uncached_trained(trained_model):
     src = random_batch(6, vocab=12, seed=3)
     got = beam_search(trained_model, src, src != PAD, beam_size=3, n_best=3)
