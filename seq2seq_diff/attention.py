@@ -90,6 +90,9 @@ class KVCache:
     rows and the new positions into one new tensor: one copy of the cache a step instead of two
     (an ``index_select`` and a ``cat``), which beam search pays every step. Reading ``k``/``v``
     in between applies a pending reorder first, so readers never see stale rows.
+
+    A cross-attention cache can serve ``group`` consecutive query rows per row of keys
+    (``share``): beam search's K beams of one source read its keys once, not K copies of them.
     """
 
     def __init__(self, static: bool = False):
@@ -97,6 +100,7 @@ class KVCache:
         self._k: Tensor | None = None
         self._v: Tensor | None = None
         self._pending: Tensor | None = None  # rows to take, deferred until the next append
+        self.group = 1  # static: query rows per row of keys and values
 
     @property
     def k(self) -> Tensor | None:
@@ -110,7 +114,14 @@ class KVCache:
 
     def set(self, k: Tensor, v: Tensor) -> None:
         """Replace the contents (cross-attention: the source's keys and values)."""
-        self._k, self._v, self._pending = k, v, None
+        self._k, self._v, self._pending, self.group = k, v, None, 1
+
+    def share(self, group: int) -> None:
+        """Static: each row of keys and values now serves ``group`` consecutive query rows (the
+        K beams of a source), with no copy; row indices of ``reorder`` count query rows."""
+        if not self.static:
+            raise ValueError("only a static (cross-attention) cache shares its rows")
+        self.group *= group
 
     def __len__(self) -> int:
         return 0 if self._k is None else self._k.shape[2]
@@ -120,6 +131,14 @@ class KVCache:
         if self._k is None:
             return
         if self.static:
+            if self.group > 1:
+                sources = _whole_groups(index, self.group)
+                if sources is None:  # the rows of a group part: each row gets its own copy
+                    self._k = self._k.repeat_interleave(self.group, dim=0)
+                    self._v = self._v.repeat_interleave(self.group, dim=0)
+                    self.group = 1
+                else:
+                    index = sources
             self._k = self._k.index_select(0, index)
             self._v = self._v.index_select(0, index)
         else:  # composed with an earlier pending reorder: row i takes old row pending[index[i]]
@@ -140,6 +159,18 @@ class KVCache:
             self._k = self._k.index_select(0, self._pending)
             self._v = self._v.index_select(0, self._pending)
             self._pending = None
+
+
+def _whole_groups(index: Tensor, group: int) -> Tensor | None:
+    """The groups that row ``index`` takes if it takes whole groups of ``group`` rows in order
+    (rows g·i .. g·i+g-1 of group i), else None."""
+    if index.numel() % group:
+        return None
+    first = index.view(-1, group)[:, :1]
+    rows = first + torch.arange(group, device=index.device)
+    if bool((first % group).any()) or not torch.equal(index.view(-1, group), rows):
+        return None
+    return first.squeeze(1) // group
 
 
 def _take_and_append(cached: Tensor, rows: Tensor | None, new: Tensor) -> Tensor:
@@ -275,10 +306,21 @@ class _Attention(nn.Module):
         float_steps = cache is not None and _float_steps(x)
         if float_steps:
             q = q.float()
+        group = 1
         if cache is not None and cache.static:
             if cache.k is None:
                 self.fill_static_cache(cache, x if source is None else source, rotary=rotary)
             k, v = cache.k, cache.v
+            group = cache.group
+            if group > 1 and (self.recorder is not None
+                              or (mask is not None and mask.shape[-2] != 1)):
+                k = k.repeat_interleave(group, dim=0)  # rare: materialise the shared rows
+                v = v.repeat_interleave(group, dim=0)
+                group = 1
+            if group > 1:  # a source's query rows attend together: one product of G·T rows
+                q = q.unflatten(0, (-1, group)).transpose(1, 2).flatten(2, 3)  # (B/G, 2H, G·T, D)
+                if mask is not None and mask.shape[0] > 1:
+                    mask = mask[::group]  # the rows of a group share their source
         else:
             k, v = self._keys_values(x if source is None else source, rotary, offset, projected)
             if float_steps:
@@ -298,8 +340,11 @@ class _Attention(nn.Module):
         if float_steps:
             with torch.autocast("cpu", enabled=False):
                 o = self._attend(q, k, v, mask, causal)
-            return self.out_proj(o)
-        return self.out_proj(self._attend(q, k, v, mask, causal))
+        else:
+            o = self._attend(q, k, v, mask, causal)
+        if group > 1:
+            o = o.view(b, t, -1)  # (B/G, G·T, E) -> (B, T, E)
+        return self.out_proj(o)
 
 
 class MultiheadDiffAttention(_Attention):

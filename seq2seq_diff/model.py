@@ -139,6 +139,12 @@ class DecoderCache:
         for cache in self.cross_attn:
             cache.reorder(index)
 
+    def share_cross(self, group: int) -> None:
+        """Let each row of cross-attention keys serve ``group`` consecutive rows, without a copy
+        (beam search: a source's K beams; ``KVCache.share``)."""
+        for cache in self.cross_attn:
+            cache.share(group)
+
 
 def _stacked_linear(*linears: nn.Linear) -> nn.Linear:
     """One bias-free ``nn.Linear`` whose outputs are those of ``linears``, concatenated."""

@@ -276,9 +276,10 @@ def beam_search(
 
 
 def _widen(cache, src_mask: Tensor, row_max_len: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """One row per sentence -> K: the cross-attention keys (in ``cache``), source mask and caps."""
+    """One row per sentence -> K: source mask and caps repeated, the cross-attention keys (in
+    ``cache``) shared by the K rows of their source, not copied."""
     rows = torch.arange(src_mask.shape[0], device=src_mask.device).repeat_interleave(k)
-    cache.reorder_cross(rows)
+    cache.share_cross(k)
     return src_mask.index_select(0, rows), row_max_len.index_select(0, rows)
 
 
@@ -304,9 +305,9 @@ def _beam_search(
 
     num_candidates = min(2 * k, k * vocab)
     # The first step has one live beam per sentence: it runs on B rows (as CTranslate2 does),
-    # and the rows, the source mask and the cross-attention keys grow to B·K after it. Each
-    # source's cross keys are projected once; beams of one sentence share them, so after that
-    # only dropping done sentences moves them.
+    # and the rows and the source mask grow to B·K after it. Each source's cross-attention keys
+    # are projected once and stay one row: its K beams share them (``share_cross``) and attend
+    # to them in one product, and only dropping done sentences moves them.
     width = 1 if vocab >= num_candidates else k  # rows per sentence in this step
     cache = model.new_cache(model.encode(src, src_mask))  # cross keys: B rows
     sents = torch.arange(batch, device=device)  # (n,) original sentence of each active one

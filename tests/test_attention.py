@@ -194,6 +194,36 @@ def test_cross_attention_cache_computes_keys_once(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_shared_cross_cache_equals_repeated_keys(kind):
+    """Beam search's cross cache: K query rows per source read one row of keys, not K copies;
+    reordering by whole groups keeps sharing, parting a group gives rows their own copy."""
+    attn = make(kind)
+    memory = torch.randn(3, 6, E, dtype=torch.float64)
+    mask = torch.rand(3, 1, 1, 6) > 0.3
+    mask[:, ..., 0] = True
+    group = 4
+    x = torch.randn(3 * group, 2, E, dtype=torch.float64)
+    rows = torch.arange(3).repeat_interleave(group)
+    want = attn(x, source=memory[rows], mask=mask[rows])
+    shared = KVCache(static=True)
+    attn.fill_static_cache(shared, memory)
+    shared.share(group)
+    got = attn(x, source=None, mask=mask[rows], cache=shared)
+    assert shared.k.shape[0] == 3 and rel_err(got, want) < 1e-12
+    keep = torch.tensor([8, 9, 10, 11, 0, 1, 2, 3])  # sources 2 and 0, whole groups
+    shared.reorder(keep)
+    assert shared.group == group and shared.k.shape[0] == 2
+    assert rel_err(attn(x[keep], mask=mask[rows][keep], cache=shared), want[keep]) < 1e-12
+    parted = torch.tensor([5, 0, 1])  # rows of source 0, out of their group: copies
+    shared.reorder(parted)
+    assert shared.group == 1 and shared.k.shape[0] == 3
+    assert rel_err(attn(x[keep][parted], mask=mask[rows][keep][parted], cache=shared),
+                   want[keep][parted]) < 1e-12
+    with pytest.raises(ValueError, match="static"):
+        KVCache().share(2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_fully_masked_rows_give_no_nan(kind):
     attn = make(kind).float()
     x = torch.randn(2, 5, E, requires_grad=True)

@@ -141,6 +141,11 @@ def test_cache_filled_from_memory_then_repeated_equals_repeated_memory(kind):
     assert torch.allclose(model.decode(tgt_k[:, :2], None, mask_k, cache=filled), first,
                           atol=1e-12)
     assert len(filled) == 2
+    shared = model.new_cache(memory)  # beam search: the K rows of a source share its keys
+    shared.share_cross(beams)
+    assert torch.allclose(model.decode(tgt_k[:, :2], None, mask_k, cache=shared), first,
+                          atol=1e-12)
+    assert shared.cross_attn[0].k.shape[0] == len(src)
 
 
 @pytest.mark.parametrize("kind", KINDS)
