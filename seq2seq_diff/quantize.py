@@ -7,7 +7,10 @@
 - ``quantize_int8``: PyTorch's dynamic quantisation of every ``nn.Linear`` (int8 weights with
   one scale per output channel; activations quantised on the fly), CPU only. The tied output
   projection is untied into its own ``nn.Linear`` first, so the largest matrix product
-  (d_model × vocabulary) is quantised too; the embedding stays float32.
+  (d_model × vocabulary) is quantised too; the embedding stays float32. The activation scale
+  is one per tensor, computed over the whole batch, so a sentence's int8 translation can depend
+  on the sentences batched with it (float32's does not). Per-row scales (``torch._int_mm``)
+  removed that but ran no faster than packed float32 (BENCHMARKS.md, sixth session).
 - Both (and ``seq2seq_diff.packed``) fuse the self-attention Q/K/V and the feed-forward w1/w3
   projections of their copy first (``Seq2SeqTransformer.fuse_projections``).
 - ``fake_quantize_weights``: round every linear weight (and the output projection) to ``bits``

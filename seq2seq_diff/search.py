@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from seq2seq_diff.model import Seq2SeqTransformer
+from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
 
 NEG_INF = float("-inf")
 
@@ -275,7 +275,8 @@ def beam_search(
                             max_len_b, min_len, n_best)
 
 
-def _widen(cache, src_mask: Tensor, row_max_len: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _widen(cache: DecoderCache, src_mask: Tensor, row_max_len: Tensor,
+           k: int) -> tuple[Tensor, Tensor]:
     """One row per sentence -> K: source mask and caps repeated, the cross-attention keys (in
     ``cache``) shared by the K rows of their source, not copied."""
     rows = torch.arange(src_mask.shape[0], device=src_mask.device).repeat_interleave(k)
