@@ -260,8 +260,8 @@ class _Attention(nn.Module):
     def fill_static_cache(self, cache: KVCache, source: Tensor,
                           rotary: RotaryEmbedding | None = None) -> None:
         """Compute the keys and values of ``source`` (B, S, E) into ``cache`` once (beam search
-        then repeats each source's rows for its K beams with ``cache.reorder``: one projection
-        per source, not K).
+        then lets each source's row serve its K beams with ``cache.share``: one projection and
+        one stored copy per source, not K).
 
         Stored contiguous, or every decoding step's products would copy the projection's views;
         in float32 when a CPU decodes under bf16 autocast (as ``forward`` attends then).

@@ -215,8 +215,8 @@ class Seq2SeqTransformer(nn.Module):
         """A cache for ``decode(..., cache=...)``, one step at a time.
 
         Empty, or with ``memory`` (B, S, E) its cross-attention keys and values are computed now
-        and every ``decode`` call may pass ``memory=None``. Beam search repeats each source's
-        rows for its K beams afterwards (``reorder_cross``): projected once per source.
+        and every ``decode`` call may pass ``memory=None``. Beam search then lets each source's
+        row serve its K beams (``share_cross``): projected and stored once per source.
         """
         cache = DecoderCache(len(self.decoder_layers))
         if memory is not None:
