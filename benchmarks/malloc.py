@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from seq2seq_diff.malloc import ENV  # noqa: E402  (imports no torch)
+from seq2seq_diff.malloc import ENV, without_malloc_settings  # noqa: E402  (imports no torch)
 
 SETTINGS = ("system", "tuned")
 
@@ -106,7 +106,8 @@ def cli_train(args, env: dict) -> dict:
         _, status, usage = os.wait4(proc.pid, 0)
         if status:
             sys.exit(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
-        rows = list(csv.DictReader(open(next(Path(tmp).glob("csv/*/metrics.csv")))))
+        with open(next(Path(tmp).glob("csv/*/metrics.csv")), newline="") as metrics:
+            rows = list(csv.DictReader(metrics))
         rates = [float(r["tok_s"]) for r in rows if r.get("tok_s")][1:]
     if not rates:
         sys.exit(f"no tok_s logged in {args.steps} steps: raise --steps")
@@ -116,15 +117,15 @@ def cli_train(args, env: dict) -> dict:
 
 
 def run_child(args, job: str, setting: str) -> dict:
+    env = without_malloc_settings(os.environ)
+    if job == "cli-train":  # the command line tunes malloc itself unless told not to
+        return cli_train(args, env if setting == "tuned" else {**env, ENV: "system"})
     cmd = [sys.executable, __file__, "--child", job, setting]
     for name in ("model", "input", "lines", "batch", "d_model", "layers", "heads", "ffn_dim",
                  "vocab", "attention", "dtype", "threads", "repeats", "warmup"):
         value = getattr(args, name)
         if value is not None:
             cmd += [f"--{name.replace('_', '-')}", str(value)]
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", ENV)}
-    if job == "cli-train":  # the command line tunes malloc itself unless told not to
-        return cli_train(args, env if setting == "tuned" else {**env, ENV: "system"})
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode:
         sys.exit(f"{job}/{setting} child failed:\n{result.stderr[-2000:]}")

@@ -16,8 +16,8 @@ kept, up to ``trim_threshold`` at the heap top, so the peak RSS can grow a littl
 BENCHMARKS.md).
 
 Set ``SEQ2SEQ_DIFF_MALLOC=system`` to keep glibc's defaults. Settings the user gave glibc
-(``GLIBC_TUNABLES`` naming malloc, or ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``)
-are never overridden. Other C libraries (musl, macOS, Windows) are left alone.
+(``GLIBC_TUNABLES`` naming malloc, or one of ``GLIBC_MALLOC_ENV``) are never overridden.
+Other C libraries (musl, macOS, Windows) are left alone.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ MMAP_THRESHOLD = 256 << 20  # blocks this large or larger still get their own mm
 TRIM_THRESHOLD = 512 << 20  # free memory kept at the heap top before it goes back to the OS
 
 ENV = "SEQ2SEQ_DIFF_MALLOC"
+GLIBC_MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 @functools.cache
@@ -63,10 +64,17 @@ def user_settings() -> str | None:
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc." in tunables:
         return f"GLIBC_TUNABLES={tunables}"
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+    for name in GLIBC_MALLOC_ENV:
         if name in os.environ:
             return f"{name}={os.environ[name]}"
     return None
+
+
+def without_malloc_settings(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` less every malloc setting (``user_settings``): a child process started with
+    it runs on glibc's defaults, or, if it is ``cli.py``, on ``tune_malloc``'s."""
+    drop = {"GLIBC_TUNABLES", ENV, *GLIBC_MALLOC_ENV}
+    return {name: value for name, value in environ.items() if name not in drop}
 
 
 def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD,

@@ -33,9 +33,7 @@ FAULTS = textwrap.dedent("""
 
 
 def _page_faults(setting: str) -> tuple[bool, float]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", malloc.ENV) and not k.startswith("MALLOC_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env = {**malloc.without_malloc_settings(os.environ), "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", FAULTS, setting], capture_output=True,
                          text=True, env=env, check=True).stdout.split()
     return out[0] == "True", float(out[1])
@@ -57,8 +55,7 @@ def test_tuned_malloc_reuses_freed_blocks_instead_of_faulting_them_in_again():
     {"MALLOC_MMAP_THRESHOLD_": "1048576"},
 ])
 def test_the_users_malloc_settings_are_kept(monkeypatch, env):
-    for name in ("GLIBC_TUNABLES", malloc.ENV, "MALLOC_MMAP_THRESHOLD_",
-                 "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+    for name in ("GLIBC_TUNABLES", malloc.ENV, *malloc.GLIBC_MALLOC_ENV):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
