@@ -369,16 +369,22 @@ def memory_table(args, ct2_dir: Path | None) -> None:
                   f"[+{result['peak'] - result['base']:,.0f}]", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_size_arguments(parser: argparse.ArgumentParser, batch: int = 32) -> None:
+    """The model dimensions and the batch that ``ours``, ``marian`` and ``make_batch`` read
+    (defaults: ANCHORS.md's d_model 256, 3+3 layers, batch 32 x 30 tokens, 30 output tokens)."""
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--heads", type=int, default=4, help="HF heads = our DIFF heads")
     parser.add_argument("--ffn-dim", type=int, default=1024, help="HF width (ours: 2/3 of it)")
     parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--src-len", type=int, default=30)
     parser.add_argument("--out-len", type=int, default=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_size_arguments(parser)
     parser.add_argument("--beams", type=int, nargs="+", default=[5, 1])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
