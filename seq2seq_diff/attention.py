@@ -126,6 +126,21 @@ class KVCache:
     def __len__(self) -> int:
         return 0 if self._k is None else self._k.shape[2]
 
+    def index_rows(self, rows: Tensor | None = None) -> Tensor | None:
+        """Self-attention: the next ``append`` takes its rows by index even when nothing was
+        reordered, so a compiled step sees one cache state, not two (``seq2seq_diff.compiled``).
+
+        ``rows`` replaces the pending reorder (the caller knows them equal); by default the
+        pending one is kept, or every row in order is taken. Returns the index (None: empty).
+        """
+        if self.static or self._k is None:
+            return None
+        if rows is not None:
+            self._pending = rows
+        elif self._pending is None:
+            self._pending = torch.arange(self._k.shape[0], device=self._k.device)
+        return self._pending
+
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in that order: beam reordering or dropping rows."""
         if self._k is None:
@@ -146,8 +161,8 @@ class KVCache:
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append T new positions (B', ., T, .) after the (reordered) cached ones; all of them."""
-        if self._k is None:
-            self._k, self._v = k, v
+        if self._k is None:  # own storage in the standard layout, as every later append's
+            self._k, self._v = _fresh(k), _fresh(v)
         else:
             self._k = _take_and_append(self._k, self._pending, k)
             self._v = _take_and_append(self._v, self._pending, v)
@@ -159,6 +174,13 @@ class KVCache:
             self._k = self._k.index_select(0, self._pending)
             self._v = self._v.index_select(0, self._pending)
             self._pending = None
+
+
+def _fresh(x: Tensor) -> Tensor:
+    """A copy of ``x`` in its own storage with the standard contiguous strides (also along dims
+    of size 1): cached tensors then always look alike to a compiled step, which would otherwise
+    recompile for a view's storage offset or strides (``seq2seq_diff.compiled``)."""
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def _whole_groups(index: Tensor, group: int) -> Tensor | None:
@@ -177,8 +199,10 @@ def _take_and_append(cached: Tensor, rows: Tensor | None, new: Tensor) -> Tensor
     """``cat([cached[rows], new], dim=2)`` written once into a new tensor (rows None: all)."""
     if rows is None:
         return torch.cat([cached, new], dim=2)
-    if torch.is_grad_enabled() and (cached.requires_grad or new.requires_grad):
-        return torch.cat([cached.index_select(0, rows), new], dim=2)  # out= has no autograd
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled()
+                                         and (cached.requires_grad or new.requires_grad)):
+        # out= has no autograd, and Dynamo takes no strided out=; inductor fuses the two ops
+        return torch.cat([cached.index_select(0, rows), new], dim=2)
     length = cached.shape[2]
     out = new.new_empty(new.shape[0], new.shape[1], length + new.shape[2], new.shape[3])
     torch.index_select(cached, 0, rows, out=out[:, :, :length])
@@ -269,7 +293,7 @@ class _Attention(nn.Module):
         k, v = self._keys_values(source, rotary, 0)
         if _float_steps(source):
             k, v = k.float(), v.float()
-        cache.set(k.contiguous(), v.contiguous())
+        cache.set(_fresh(k), _fresh(v))
 
     def forward(
         self,

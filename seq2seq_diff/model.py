@@ -139,6 +139,14 @@ class DecoderCache:
         for cache in self.cross_attn:
             cache.reorder(index)
 
+    def index_rows(self) -> None:
+        """Every self-attention cache takes its next rows by index (``KVCache.index_rows``), one
+        index tensor shared by all layers: they are always reordered alike, and a compiled step
+        then sees the same inputs whether the reorders gave each layer its own copy or not."""
+        rows = self.self_attn[0].index_rows()
+        for cache in self.self_attn[1:]:
+            cache.index_rows(rows)
+
     def share_cross(self, group: int) -> None:
         """Let each row of cross-attention keys serve ``group`` consecutive rows, without a copy
         (beam search: a source's K beams; ``KVCache.share``)."""

@@ -2,7 +2,14 @@
 
 from pathlib import Path
 
+import torch
+
+from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "en-ro"
+
+PAD, BOS, EOS = 0, 2, 3
+VOCAB = 40  # of the random search models
 
 
 def write_corpus(folder: Path, n_train: int = 300, n_dev: int = 40) -> Path:
@@ -15,3 +22,28 @@ def write_corpus(folder: Path, n_train: int = 300, n_dev: int = 40) -> Path:
                 lines = [next(f) for _ in range(n)]
             (folder / f"{name}.{lang}").write_text("".join(lines), encoding="utf-8")
     return folder
+
+
+def random_model(attention: str = "diff", seed: int = 0, vocab: int = VOCAB) -> Seq2SeqTransformer:
+    """A float64 random model whose hypotheses end at varied lengths."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, num_heads=2, num_encoder_layers=1,
+                      num_decoder_layers=2, ffn_dim=64, dropout=0.0, attention=attention,
+                      tie_embeddings=False)
+    model = Seq2SeqTransformer(cfg).double().eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(0.5)  # let attention matter next to the token embedding
+        model.output_proj.weight[EOS] *= 3.0  # make eos likely somewhere
+    return model
+
+
+def random_batch(batch: int = 8, vocab: int = VOCAB, seed: int = 1, min_len: int = 2,
+                 max_len: int = 9) -> torch.Tensor:
+    """(B, S) sources of different lengths: pieces + [eos], right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(min_len, max_len + 1, (batch,), generator=g)
+    src = torch.full((batch, int(lengths.max()) + 1), PAD, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        src[i, :n] = torch.randint(4, vocab, (n,), generator=g)
+        src[i, n] = EOS
+    return src

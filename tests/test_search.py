@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from helpers import BOS, EOS, PAD, VOCAB, random_batch, random_model
 
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
 from seq2seq_diff.search import (
@@ -20,38 +21,10 @@ from seq2seq_diff.search import (
     length_penalty_factor,
     max_lengths,
     sample,
+    top_candidates,
 )
 
-PAD, BOS, EOS = 0, 2, 3
-VOCAB = 40
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def random_model(attention: str = "diff", seed: int = 0, vocab: int = VOCAB) -> Seq2SeqTransformer:
-    """A float64 random model whose hypotheses end at varied lengths."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=vocab, d_model=32, num_heads=2, num_encoder_layers=1,
-                      num_decoder_layers=2, ffn_dim=64, dropout=0.0, attention=attention,
-                      tie_embeddings=False)
-    model = Seq2SeqTransformer(cfg).double().eval()
-    with torch.no_grad():
-        model.embed.weight.mul_(0.5)  # let attention matter next to the token embedding
-        model.output_proj.weight[EOS] *= 3.0  # make eos likely somewhere
-    return model
-
-
-def random_batch(batch: int = 8, vocab: int = VOCAB, seed: int = 1, min_len: int = 2,
-                 max_len: int = 9) -> torch.Tensor:
-    """(B, S) sources of different lengths: pieces + [eos], right-padded."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(min_len, max_len + 1, (batch,), generator=g)
-    src = torch.full((batch, int(lengths.max()) + 1), PAD, dtype=torch.long)
-    for i, n in enumerate(lengths.tolist()):
-        src[i, :n] = torch.randint(4, vocab, (n,), generator=g)
-        src[i, n] = EOS
-    return src
 
 
 @pytest.fixture(scope="module")
@@ -385,3 +358,21 @@ def test_empty_batch_and_bad_arguments():
         beam_search(model, one, one != PAD, beam_size=2, n_best=3)
     with pytest.raises(ValueError):
         beam_search(model, one, one != PAD, beam_size=0)
+
+
+def test_top_candidates_finds_the_values_topk_finds():
+    """Blocked top-k against ``topk``: random rows with ties, -inf runs and partial blocks."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n, m = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 3000, (1,),
+                                                                              generator=g))
+        k = min(int(torch.randint(1, 12, (1,), generator=g)), m)
+        x = torch.randn(n, m, generator=g)
+        if trial % 3 == 0:
+            x = x.round()  # many ties
+        if trial % 5 == 0:
+            x[:, torch.randperm(m, generator=g)[: m // 2]] = float("-inf")
+        values, index = top_candidates(x, k, block=int(torch.randint(1, 100, (1,), generator=g)))
+        assert torch.equal(values.sort(dim=1, descending=True).values, x.topk(k, dim=1).values)
+        assert torch.equal(x.gather(1, index), values)
+        assert all(len(set(row)) == k for row in index.tolist())

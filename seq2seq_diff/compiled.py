@@ -1,0 +1,101 @@
+"""Decoding steps through ``torch.compile``: one compiled graph per search kind, every shape.
+
+A CPU decoding step of the small model runs about 330 PyTorch ops, and paying for each one's
+dispatch (Python, argument checks, a fresh output) is a third of a greedy step at d_model 256
+(BENCHMARKS.md, eighth session). Compiled, inductor fuses the element-wise work (norms, rotary,
+softmax, the cache copy) into a few C++ kernels and calls the matrix products directly, so a step
+costs its arithmetic and little else.
+
+``compile_decoding(model)`` returns an inference copy (``Seq2SeqTransformer.inference_copy``)
+whose ``decode`` runs
+
+* the first step of each batch (an empty self-attention cache) eagerly: once per batch, and it
+  would be a graph of its own;
+* every later one-position step through ``torch.compile(dynamic=True, fullgraph=True)``, with
+  duck sizing off and size-oblivious reasoning on, so one graph serves every number of rows,
+  source length and step, a batch of one sentence included: no recompilation per shape.
+  Before each compiled step every self-attention cache takes its rows by index
+  (``DecoderCache.index_rows``), so greedy steps before and after a finished sentence leaves
+  run the same graph.
+
+Greedy search and beam search (one graph per beam size: the K beams of a source share its
+cross-attention keys) each compile once, in tens of seconds on 2 CPU cores; inductor caches the
+result on disk, so later runs with a model of the same shape compile faster. It pays on long
+inputs (a book), not on a sentence. float32 and bf16 (``--bf16``: autocast is traced into the
+graph) compile; int8 dynamic quantisation and the oneDNN-packed weights do not (their opaque
+weights are outside what Dynamo traces): inductor calls the same GEMM library as eager
+PyTorch instead. If compiling fails (no C++ compiler, an unsupported op), decoding warns once
+and goes on eagerly: the same results.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
+
+logger = logging.getLogger(__name__)
+
+
+def _shape_settings():
+    """Tracing settings for one graph over all shapes: distinct sizes get distinct symbols even
+    when equal (without this, a step whose self and cross caches both hold 32 rows ties the two,
+    and the next step, where they differ, recompiles)."""
+    from torch.fx.experimental import _config as fx_config
+
+    return fx_config.patch(use_duck_shape=False)
+
+
+class CompiledDecode:
+    """``Seq2SeqTransformer.decode`` with its incremental steps compiled (module docstring)."""
+
+    def __init__(self, model: Seq2SeqTransformer):
+        self.eager = model.decode  # the bound method: the class's eager decode
+        self.compiled = torch.compile(self.eager, dynamic=True, fullgraph=True)
+        self.failed: str | None = None  # why compiling failed; then every step runs eagerly
+
+    def __call__(self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,
+                 cache: DecoderCache | None = None) -> Tensor:
+        if self.failed is not None or not _compilable_step(tgt_in, cache):
+            return self.eager(tgt_in, memory, src_mask, cache)
+        cache.index_rows()
+        # The searches' step tokens are a column view of their token history, whose stride and
+        # offset change every step; the mask may be a normal tensor or an inference one.
+        tgt_in = tgt_in.clone(memory_format=torch.contiguous_format)
+        if not src_mask.is_inference():
+            src_mask = src_mask.clone()
+        try:
+            with _shape_settings():
+                return self.compiled(tgt_in, memory, src_mask, cache)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            # Raised while tracing or compiling, before the graph ran: the cache is untouched.
+            self.failed = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            logger.warning("torch.compile of the decoding step failed (%s); decoding eagerly",
+                           self.failed)
+            return self.eager(tgt_in, memory, src_mask, cache)
+
+
+def _compilable_step(tgt_in: Tensor, cache: DecoderCache | None) -> bool:
+    """Whether this step runs compiled: one new position after at least two cached ones, at
+    least two rows, two sources and two source positions, and no autograd. Every size the graph
+    sees is then >= 2, so none is specialised for being 0 or 1 (each would be a graph of its
+    own); the few steps outside (each batch's first two, its last sentence alone, a source of
+    one token) run eagerly."""
+    if cache is None or torch.is_grad_enabled() or tgt_in.shape[1] != 1 or tgt_in.shape[0] < 2:
+        return False
+    cross = cache.cross_attn[0].k
+    return len(cache) >= 2 and cross is not None and cross.shape[0] >= 2 and cross.shape[2] >= 2
+
+
+def compile_decoding(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
+    """An inference copy of ``model`` (float32 or bf16 weights) whose decoding steps compile."""
+    for module in model.modules():
+        if "quantized" in type(module).__module__ or hasattr(module, "packed"):
+            raise ValueError("compile_decoding takes a plain float32 or bf16 model, not an int8 "
+                             "or oneDNN-packed one")
+    model = model.inference_copy()
+    model.decode = CompiledDecode(model)
+    return model

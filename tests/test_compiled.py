@@ -1,0 +1,132 @@
+"""Compiled decoding steps (seq2seq_diff.compiled): the same searches as eager, one graph each.
+
+Each search kind compiles once (about 15 s for these tiny models on 2 CPU cores), so the
+equivalence tests share one compiled model per attention kind.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from helpers import VOCAB, random_batch, random_model
+from torch._dynamo.utils import counters
+
+from seq2seq_diff.compiled import CompiledDecode, compile_decoding
+from seq2seq_diff.errors import ConfigError
+from seq2seq_diff.quantize import quantize_int8
+from seq2seq_diff.search import beam_search, greedy_search
+from seq2seq_diff.translator import Translator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Batches of every shape a translation meets: mixed lengths (sentences finish and leave at
+# different steps), one sentence, sources of one token, a wider batch than the first.
+BATCHES = [dict(batch=6, seed=1), dict(batch=1, seed=2), dict(batch=3, seed=3, min_len=0,
+                                                                    max_len=1),
+           dict(batch=11, seed=4, max_len=14)]
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.fixture(scope="module")
+def models(request):
+    """(eager float32 random model, its compiled copy) per attention kind."""
+    torch._dynamo.reset()
+    built = {}
+    for kind in ("diff", "standard"):
+        eager = random_model(kind).float()
+        built[kind] = eager, compile_decoding(eager)
+    return built
+
+
+@pytest.mark.parametrize("kind", ["diff", "standard"])
+def test_compiled_searches_equal_eager_with_one_graph_per_search(models, kind):
+    eager, compiled = models[kind]
+    assert isinstance(compiled.decode, CompiledDecode)
+    for search in (lambda m, s, k: greedy_search(m, s, k, max_len_a=1.0, max_len_b=4),
+                   lambda m, s, k: beam_search(m, s, k, beam_size=3, n_best=3, max_len_a=1.0,
+                                               max_len_b=4)):
+        before = graphs()
+        for shape in BATCHES:
+            src = random_batch(**shape)
+            mask = src != 0
+            got, want = search(compiled, src, mask), search(eager, src, mask)
+            if isinstance(want[0], list) and want[0] and hasattr(want[0][0], "score"):
+                assert [[h.tokens for h in hyps] for hyps in got] == \
+                    [[h.tokens for h in hyps] for hyps in want]
+                for hyps_got, hyps_want in zip(got, want, strict=True):
+                    for a, b in zip(hyps_got, hyps_want, strict=True):
+                        assert a.score == pytest.approx(b.score, abs=1e-4)
+            else:
+                assert got == want
+        assert compiled.decode.failed is None
+        assert graphs() - before == 1, "one graph for every batch shape of a search kind"
+
+
+def test_compiled_step_logits_match_eager(models):
+    """Cached steps, compiled against eager, from the same cache state: float32 rounding only."""
+    eager, compiled = models["diff"]
+    src = random_batch(batch=5, seed=7)
+    mask = src != 0
+    with torch.inference_mode():
+        caches = [m.new_cache(m.encode(src, mask)) for m in (eager, compiled)]
+        tokens = torch.randint(4, VOCAB, (5, 6), generator=torch.Generator().manual_seed(0))
+        for t in range(tokens.shape[1]):
+            step = tokens[:, t:t + 1]
+            want = eager.decode(step, None, mask, caches[0])
+            got = compiled.decode(step, None, mask, caches[1])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_failed_compile_warns_once_and_decodes_eagerly(caplog):
+    eager = random_model("diff").float()
+    compiled = compile_decoding(eager)
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise torch._dynamo.exc.TorchDynamoException("no working C++ compiler")
+
+    compiled.decode.compiled = broken
+    src = random_batch(batch=4, seed=5)
+    with caplog.at_level(logging.WARNING, logger="seq2seq_diff"):
+        got = greedy_search(compiled, src, src != 0)
+    assert got == greedy_search(eager, src, src != 0)
+    assert len(calls) == 1 and compiled.decode.failed == "no working C++ compiler"
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile of the decoding step failed (no working C++ compiler); decoding eagerly"]
+
+
+def test_compile_takes_float_models_only():
+    model = random_model("diff").float()
+    with pytest.raises(ValueError, match="not an int8"):
+        compile_decoding(quantize_int8(model))
+
+
+def test_translate_cli_compile_gives_the_same_lines(model_dir, tmp_path, english):
+    from seq2seq_diff.cli import main
+
+    src = tmp_path / "in.en"
+    src.write_text("\n".join(english[:12]) + "\n\n", encoding="utf-8")
+    outputs = []
+    for flags in ([], ["--compile"]):
+        out = tmp_path / f"out{len(flags)}.ro"
+        assert main(["translate", "--model", str(model_dir), "--input", str(src), "--output",
+                     str(out), "--beam-size", "2", "--max-tokens", "64", "--quiet",
+                     *flags]) == 0
+        outputs.append(out.read_text(encoding="utf-8"))
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 13
+
+
+def test_compile_with_int8_is_one_clear_error(model, tokenizer, model_dir, capsys):
+    from seq2seq_diff.cli import main
+
+    with pytest.raises(ConfigError, match="drop --compile or --int8"):
+        Translator(model, tokenizer, compile=True, quantize="int8")
+    assert main(["translate", "--model", str(model_dir), "--compile", "--int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "drop --compile or --int8" in err[0]
