@@ -21,7 +21,8 @@ On the CPU in float32 our models decode as ``translate`` does, with oneDNN-packe
 (``seq2seq_diff.packed``; "torch-gemm" rows: the same models on torch's default GEMM), and also
 with int8 dynamic quantisation (``translate --int8``)
 and, on CPUs with AVX512-BF16/AMX, in bf16 (``translate --bf16``; HF's ``model.to(bfloat16)``
-beside it).
+beside it), and with compiled decoding steps in float32 and bf16 (``translate --compile``;
+compiled during the untimed warm-up round).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 
+from seq2seq_diff.compiled import compile_decoding  # noqa: E402
 from seq2seq_diff.loss import smoothed_cross_entropy  # noqa: E402
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer  # noqa: E402
 from seq2seq_diff.packed import pack_linears, packing_available  # noqa: E402
@@ -396,6 +398,9 @@ def main() -> None:
     parser.add_argument("--no-ct2", dest="ct2", action="store_false")
     parser.add_argument("--compile", choices=["none", "ours", "all"], default="none",
                         help="torch.compile our models (or all) for training; warm-up untimed")
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false",
+                        help="CPU float32: leave out our compiled decoders (translate --compile, "
+                             "tens of seconds of compiling per model and search in the warm-up)")
     parser.add_argument("--memory", action="store_true",
                         help="only peak RSS per engine (training, beam 5), fresh processes")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -459,11 +464,18 @@ def main() -> None:
     if args.device == "cpu" and args.dtype == "float32":
         decoders["ours diff int8"] = quantize_int8(models["ours diff"])
         decoders["ours standard int8"] = quantize_int8(models["ours standard"])
-        if cpu_bf16_native():  # translate --bf16; HF's model.to(torch.bfloat16) beside it
+        bf16 = cpu_bf16_native()
+        if bf16:  # translate --bf16; HF's model.to(torch.bfloat16) beside it
             decoders["ours diff bf16"] = to_bf16(models["ours diff"])
             decoders["ours standard bf16"] = to_bf16(models["ours standard"])
             if "hf" in models:
                 decoders["hf bf16"] = copy.deepcopy(models["hf"]).to(torch.bfloat16)
+        if args.compiled:  # translate --compile [--bf16]; compiled in the untimed warm-up
+            for kind in ("diff", "standard"):
+                decoders[f"ours {kind} compiled"] = compile_decoding(models[f"ours {kind}"])
+                if bf16:
+                    decoders[f"ours {kind} bf16 compiled"] = compile_decoding(
+                        to_bf16(models[f"ours {kind}"]))
     for beam in args.beams:
         fns = {name: decode_fn("hf" if name.startswith("hf") else "ours", m, args, beam,
                                "bf16" if name.startswith("ours") and "bf16" in name else "none")

@@ -40,13 +40,33 @@ from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
 logger = logging.getLogger(__name__)
 
 
-def _shape_settings():
-    """Tracing settings for one graph over all shapes: distinct sizes get distinct symbols even
-    when equal (without this, a step whose self and cross caches both hold 32 rows ties the two,
-    and the next step, where they differ, recompiles)."""
+# Graphs kept per compiled function: ``decode`` is one code object for every model in the
+# process, and each model shape, precision and search kind is a graph of it (Dynamo's default of
+# 8 would send a benchmark's ninth variant back to eager).
+RECOMPILE_LIMIT = 64
+
+
+def _tracing_settings() -> tuple[tuple[object, str, object], ...]:
+    """(config module, name, value) for one graph over all shapes: distinct sizes get distinct
+    symbols even when equal (without this, a step whose self and cross caches both hold 32 rows
+    ties the two, and the next step, where they differ, recompiles); room for many graphs."""
     from torch.fx.experimental import _config as fx_config
 
-    return fx_config.patch(use_duck_shape=False)
+    return ((fx_config, "use_duck_shape", False),
+            (torch._dynamo.config, "recompile_limit", RECOMPILE_LIMIT))
+
+
+def _call_with(settings, fn, *args):
+    """``fn(*args)`` with ``settings`` in force (Dynamo reads them when it traces). Set and
+    restored by hand: their ``patch`` context managers cost 0.15 ms a step."""
+    saved = [getattr(module, name) for module, name, _ in settings]
+    for module, name, value in settings:
+        setattr(module, name, value)
+    try:
+        return fn(*args)
+    finally:
+        for (module, name, _), value in zip(settings, saved, strict=True):
+            setattr(module, name, value)
 
 
 class CompiledDecode:
@@ -56,6 +76,7 @@ class CompiledDecode:
         self.eager = model.decode  # the bound method: the class's eager decode
         self.compiled = torch.compile(self.eager, dynamic=True, fullgraph=True)
         self.failed: str | None = None  # why compiling failed; then every step runs eagerly
+        self.settings = _tracing_settings()
 
     def __call__(self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,
                  cache: DecoderCache | None = None) -> Tensor:
@@ -68,8 +89,7 @@ class CompiledDecode:
         if not src_mask.is_inference():
             src_mask = src_mask.clone()
         try:
-            with _shape_settings():
-                return self.compiled(tgt_in, memory, src_mask, cache)
+            return _call_with(self.settings, self.compiled, tgt_in, memory, src_mask, cache)
         except torch._dynamo.exc.TorchDynamoException as error:
             # Raised while tracing or compiling, before the graph ran: the cache is untouched.
             self.failed = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
