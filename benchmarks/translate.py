@@ -33,9 +33,10 @@ BOOK = ROOT / "data/en-ro/book/gimp-manual-heldout.en"
 
 def build_translator(args, beam_size: int, precision: str = "none") -> Translator:
     """``precision``: none (float32, oneDNN-packed as translate runs), unpacked (float32 on
-    torch's default GEMM), int8 or bf16."""
-    options = {"quantize": "none" if precision == "unpacked" else precision,
-               "pack": precision != "unpacked"}
+    torch's default GEMM), int8, bf16, compiled (float32, ``--compile``) or bf16-compiled."""
+    quantize = precision.removesuffix("compiled").strip("-") or "none"
+    options = {"quantize": "none" if quantize == "unpacked" else quantize,
+               "pack": precision != "unpacked", "compile": precision.endswith("compiled")}
     translator = Translator.from_pretrained(args.model, beam_size=beam_size, **options)
     if args.random_config:  # same tokenizer, the preset's dimensions, random weights
         with open(args.random_config) as f:
@@ -48,28 +49,37 @@ def build_translator(args, beam_size: int, precision: str = "none") -> Translato
 
 
 def speed(args, lines: list[str]) -> None:
-    translators = {f"{f'beam {k}' if k > 1 else 'greedy'} {precision}".replace(" none", ""):
+    translators = {(f"beam {k}" if k > 1 else "greedy", precision):
                    build_translator(args, k, precision)
                    for k in args.beams for precision in args.precisions}
-    runs: dict[str, list[tuple[float, int]]] = {name: [] for name in translators}
+    runs: dict[tuple[str, str], list[tuple[float, int]]] = {key: [] for key in translators}
+    first: dict[tuple[str, str], tuple[float, list[str]]] = {}  # each one's warm-up run
     for i in range(args.repeats + 1):
-        for name, translator in translators.items():  # interleaved
+        for key, translator in translators.items():  # interleaved
             start = time.perf_counter()
             outputs = translator.translate(lines)
             seconds = time.perf_counter() - start
             tokens = sum(len(ids) for ids in translator.tokenizer.encode(outputs))
             if i > 0:
-                runs[name].append((seconds, tokens))
+                runs[key].append((seconds, tokens))
+            else:
+                first[key] = seconds, outputs
     model = Seq2SeqTransformer(next(iter(translators.values())).model.config)  # its size:
     # packed and int8 weights are not torch parameters, and their output projection is untied
     print(f"model {args.random_config or args.model} ({model.config.attention}, "
           f"{model.num_parameters() / 1e6:.1f}M parameters), {len(lines)} lines of {args.input}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'search':>12} {'sent/s':>8} {'out tok/s':>10}")
-    for name, results in runs.items():
+          f"{torch.get_num_threads()} threads, median of {args.repeats}; warm-up: the first "
+          f"(untimed) run, compiling included; differ: lines unlike {args.precisions[0]}'s")
+    print(f"{'search':>7} {'precision':>14} {'sent/s':>8} {'out tok/s':>10} {'warm-up s':>10} "
+          f"{'differ':>7}")
+    for (search, precision), results in runs.items():
         seconds = statistics.median(s for s, _ in results)
         tokens = statistics.median(t for _, t in results)
-        print(f"{name:>12} {len(lines) / seconds:>8.1f} {tokens / seconds:>10.0f}", flush=True)
+        reference = first[search, args.precisions[0]][1]
+        differ = sum(a != b for a, b in zip(first[search, precision][1], reference, strict=True))
+        print(f"{search:>7} {precision:>14} {len(lines) / seconds:>8.1f} "
+              f"{tokens / seconds:>10.0f} {first[search, precision][0]:>10.1f} {differ:>7}",
+              flush=True)
 
 
 def peak_rss_mib(args, input_path: Path, output_path: Path) -> float:
@@ -106,8 +116,9 @@ def main() -> None:
     parser.add_argument("--lines", type=int, default=0, help="use only the first N lines")
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--precisions", nargs="+", default=["none"],
-                        choices=["none", "unpacked", "int8", "bf16"],
-                        help="float32 (none: oneDNN-packed, unpacked: torch GEMM), --int8, --bf16")
+                        choices=["none", "unpacked", "int8", "bf16", "compiled", "bf16-compiled"],
+                        help="float32 (none: oneDNN-packed, unpacked: torch GEMM), --int8, --bf16, "
+                             "--compile (float32), --compile --bf16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--times", type=int, default=10, help="book repetitions for memory")
