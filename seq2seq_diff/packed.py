@@ -1,4 +1,4 @@
-"""oneDNN-packed float32 linear layers for CPU inference (what ``translate`` runs by default).
+"""oneDNN-packed float32 linear layers for CPU inference (``translate``'s default where it pays).
 
 PyTorch's CPU ``F.linear`` calls MKL's sgemm on a plain row-major weight. oneDNN, bundled with
 PyTorch, can instead reorder a weight once into its blocked layout, so every later product reads
@@ -6,7 +6,10 @@ it in cache-friendly tiles. Decoding multiplies a few dozen rows by each weight 
 the layout matters most: on this project's 2-core AMD EPYC the d_model × 8,000 output projection
 of 32 rows takes 0.70 ms packed against 1.51 ms with MKL, and greedy and beam-5 decoding of the
 small model run 1.1-1.3× faster with every linear layer packed (BENCHMARKS.md). CTranslate2 uses
-the same oneDNN sgemm on this CPU.
+the same oneDNN sgemm on this CPU. MKL takes its AVX2 path there; on Intel CPUs it takes its
+AVX-512 path, and on a 2-core Xeon (Emerald Rapids) packing made decoding slower instead, up
+to 25% with greedy search (ninth session): ``packing_pays`` says whether this CPU packs by
+default.
 
 ``pack_linears`` returns a copy of a model whose ``nn.Linear`` layers (the tied output projection
 untied first, the self-attention and feed-forward input projections fused,
@@ -39,6 +42,26 @@ def packing_available() -> bool:
         return bool(torch.allclose(out, torch.full((2, 4), 8.0)))
     except (AttributeError, RuntimeError):  # a build without oneDNN or without these ops
         return False
+
+
+def cpu_vendor() -> str:
+    """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...); "" if
+    unknown (another OS, or an architecture without the field)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def packing_pays() -> bool:
+    """Whether ``Translator`` packs float32 CPU weights by default: where packing is available
+    and MKL, torch's default GEMM, does not take its AVX-512 path (Intel CPUs; see above)."""
+    return packing_available() and cpu_vendor() != "GenuineIntel"
 
 
 class PackedLinear(nn.Module):

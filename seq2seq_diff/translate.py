@@ -411,14 +411,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input lines read, translated and saved at a time (default 2000)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     precision = parser.add_mutually_exclusive_group()
+    parser.set_defaults(pack=None)  # None: where packing pays on this CPU (packed.packing_pays)
     precision.add_argument("--int8", action="store_true",
                            help="int8 dynamic quantisation of the linear layers (CPU)")
     precision.add_argument("--bf16", action="store_true",
                            help="bf16 weights and matrix products, float32 norms and scores "
                                 "(GPUs; CPUs with AVX512-BF16 or AMX)")
+    precision.add_argument("--pack", dest="pack", action="store_true",
+                           help="float32 on a CPU: pack the linear weights for oneDNN (the same "
+                                "function; by default only where it pays: not on Intel CPUs, "
+                                "whose MKL is faster unpacked)")
     precision.add_argument("--no-pack", dest="pack", action="store_false",
-                           help="float32 on a CPU: keep torch's default GEMM instead of linear "
-                                "weights packed for oneDNN (the same function, slower)")
+                           help="float32 on a CPU: keep torch's default GEMM, unpacked")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decoding step with torch.compile (float32 or --bf16): "
                              "tens of seconds once, then faster decoding; for long inputs")

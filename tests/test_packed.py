@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from seq2seq_diff import packed as packed_module
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
-from seq2seq_diff.packed import PackedLinear, pack_linears, packing_available
+from seq2seq_diff.packed import PackedLinear, pack_linears, packing_available, packing_pays
 from seq2seq_diff.quantize import quantize_int8
 from seq2seq_diff.search import beam_search, greedy_search
 from seq2seq_diff.translator import Translator
@@ -88,16 +89,27 @@ def test_a_copy_of_a_packed_model_is_plain_so_int8_still_quantises_it():
     assert sum(isinstance(m, dynamic) for m in quantized.modules()) == 2 * 4 + 2 * 8 + 1
 
 
-def test_translator_packs_float32_cpu_models_unless_told_not_to(model_dir, english):
-    def packed_layers(translator: Translator) -> int:
-        return sum(isinstance(m, PackedLinear) for m in translator.model.modules())
+def packed_layers(translator: Translator) -> int:
+    return sum(isinstance(m, PackedLinear) for m in translator.model.modules())
 
-    fast = Translator.from_pretrained(model_dir, beam_size=2)
+
+def test_translator_packs_float32_cpu_models_when_told_or_where_it_pays(model_dir, english):
+    packed = Translator.from_pretrained(model_dir, beam_size=2, pack=True)
     plain = Translator.from_pretrained(model_dir, beam_size=2, pack=False)
     int8 = Translator.from_pretrained(model_dir, beam_size=2, quantize="int8")
-    assert packed_layers(fast) > 0 and packed_layers(plain) == packed_layers(int8) == 0
+    default = Translator.from_pretrained(model_dir, beam_size=2)
+    assert packed_layers(packed) > 0 and packed_layers(plain) == packed_layers(int8) == 0
+    assert (packed_layers(default) > 0) == packing_pays()
     lines = english[:10] + [""]
-    assert fast.translate(lines) == plain.translate(lines)
+    assert packed.translate(lines) == plain.translate(lines)
+
+
+def test_packing_pays_except_where_mkl_takes_its_avx512_path(monkeypatch):
+    for vendor, pays in (("GenuineIntel", False), ("AuthenticAMD", True), ("", True)):
+        monkeypatch.setattr(packed_module, "cpu_vendor", lambda vendor=vendor: vendor)
+        packed_module.packing_pays.cache_clear()
+        assert packed_module.packing_pays() is pays
+    packed_module.packing_pays.cache_clear()
 
 
 def test_translate_cli_no_pack_gives_the_same_lines(model_dir, tmp_path, english):
@@ -106,7 +118,7 @@ def test_translate_cli_no_pack_gives_the_same_lines(model_dir, tmp_path, english
     src = tmp_path / "in.en"
     src.write_text("\n".join(english[:6]) + "\n", encoding="utf-8")
     outputs = []
-    for flags in ([], ["--no-pack"]):
+    for flags in (["--pack"], ["--no-pack"]):
         out = tmp_path / f"out{len(flags)}.ro"
         assert main(["translate", "--model", str(model_dir), "--input", str(src), "--output",
                      str(out), "--beam-size", "2", "--quiet", *flags]) == 0
