@@ -9,24 +9,24 @@ costs its arithmetic and little else.
 ``compile_decoding(model)`` returns an inference copy (``Seq2SeqTransformer.inference_copy``)
 whose ``decode`` runs
 
-* the first step of each batch (an empty self-attention cache) eagerly: once per batch, and it
-  would be a graph of its own;
-* every later one-position step through ``torch.compile(dynamic=True, fullgraph=True)``, with
-  duck sizing off and size-oblivious reasoning on, so one graph serves every number of rows,
-  source length and step, a batch of one sentence included: no recompilation per shape.
-  Before each compiled step every self-attention cache takes its rows by index
-  (``DecoderCache.index_rows``), so greedy steps before and after a finished sentence leaves
-  run the same graph.
+* every one-position step in which every size is at least 2 (rows, sources, source positions,
+  cached positions) through ``torch.compile(dynamic=True, fullgraph=True)``, with duck sizing
+  off, so one graph serves every number of rows, source length and step: Dynamo would
+  specialise a size of 1 and recompile later. Before each such step every self-attention
+  cache takes its rows by one shared index (``DecoderCache.index_rows``), so steps before and
+  after a finished sentence leaves see the same cache state;
+* the rest eagerly: each batch's first two steps (an empty cache, then one cached position),
+  its last sentence alone, a source of one token.
 
 Greedy search and beam search (one graph per beam size: the K beams of a source share its
 cross-attention keys) each compile once per process: about 50 s on 2 CPU cores, 30 s once
 inductor's on-disk cache holds the kernels (Dynamo's tracing is redone every time). Greedy steps
 then run about 1.6× faster on a real book, beam-5 steps 1.05× (float32) to 1.26× (bf16 on AMX):
-it pays on long runs, not on a page (BENCHMARKS.md, ninth session). float32 and bf16 (``--bf16``: autocast is traced into the
-graph) compile; int8 dynamic quantisation and the oneDNN-packed weights do not (their opaque
-weights are outside what Dynamo traces): inductor calls the same GEMM library as eager
-PyTorch instead. If compiling fails (no C++ compiler, an unsupported op), decoding warns once
-and goes on eagerly: the same results.
+it pays on long runs, not on a page (BENCHMARKS.md, ninth session). float32 and bf16
+(``--bf16``: autocast is traced into the graph) compile; int8 dynamic quantisation and the
+oneDNN-packed weights do not (their opaque weights are outside what Dynamo traces): inductor
+calls the same GEMM library as eager PyTorch instead. If compiling fails (no C++ compiler, an
+unsupported op), decoding warns once and goes on eagerly: the same results.
 """
 
 from __future__ import annotations
