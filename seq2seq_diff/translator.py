@@ -232,7 +232,7 @@ class Translator:
         if compile:
             from seq2seq_diff.compiled import compile_decoding
 
-            model = compile_decoding(model.to(self.device))
+            model = compile_decoding(model)  # a copy, moved to the device below
         self.quantize = quantize
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
