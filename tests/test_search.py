@@ -17,6 +17,7 @@ from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
 from seq2seq_diff.search import (
     Hypothesis,
     beam_search,
+    best_tokens,
     greedy_search,
     length_penalty_factor,
     max_lengths,
@@ -312,6 +313,22 @@ def test_max_len_respected_and_formula():
     assert tokens_of(beam_search(model, src, mask, 3, 1.0, 0.0, 0)) == [[]] * len(src)
 
 
+
+def test_greedy_ends_rows_at_their_cap_without_a_step(monkeypatch):
+    """A row at its cap could only get a forced eos: greedy search ends it without decoding
+    another step. Caps of 4 and min_len 4: exactly 4 steps, 4 pieces, as the uncapped search
+    with min_len 4 gives for its first 4 pieces."""
+    model = random_model("diff")
+    src = random_batch(6)
+    steps = []
+    decode = model.decode
+    monkeypatch.setattr(model, "decode", lambda tgt_in, *a, **kw: (
+        steps.append(tgt_in.shape[0]), decode(tgt_in, *a, **kw))[1])
+    out = greedy_search(model, src, src != PAD, max_len_a=0.0, max_len_b=4, min_len=4)
+    assert steps == [6] * 4 and all(len(o) == 4 for o in out)
+    longer = greedy_search(model, src, src != PAD, max_len_a=0.0, max_len_b=50, min_len=4)
+    assert out == [o[:4] for o in longer]
+
 def test_deterministic_across_runs():
     src = random_batch(8)
     runs = [beam_search(random_model("diff"), src, src != PAD, beam_size=5, n_best=5)
@@ -376,3 +393,25 @@ def test_top_candidates_finds_the_values_topk_finds():
         assert torch.equal(values.sort(dim=1, descending=True).values, x.topk(k, dim=1).values)
         assert torch.equal(x.gather(1, index), values)
         assert all(len(set(row)) == k for row in index.tolist())
+
+
+def test_best_tokens_is_argmax():
+    """Blocked argmax against ``argmax``: ties (the first wins), -inf rows, NaN, +inf, partial
+    blocks."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        n, m = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 3000, (1,),
+                                                                              generator=g))
+        x = torch.randn(n, m, generator=g)
+        if trial % 3 == 0:
+            x = x.round()  # many ties
+        if trial % 5 == 0:
+            x[:, torch.randperm(m, generator=g)[: m // 2]] = float("-inf")
+        if trial % 7 == 0:
+            x[0] = float("-inf")
+        if trial % 11 == 0:
+            x[:, torch.randperm(m, generator=g)[:2]] = float("nan")
+        if trial % 13 == 0:
+            x[:, torch.randperm(m, generator=g)[:3]] = float("inf")
+        block = int(torch.randint(1, 100, (1,), generator=g))
+        assert torch.equal(best_tokens(x, block), x.argmax(dim=1)), (trial, n, m, block)
