@@ -17,12 +17,13 @@ ours is 2/3 of it (rounded up to 8), so the parameters and FLOPs match.
     python benchmarks/peers.py --device cuda --dtype bfloat16 --batch 128
     python benchmarks/peers.py --memory --batch 64  # peak RSS, training and beam 5, per engine
 
-On the CPU in float32 our models decode as ``translate`` does, with oneDNN-packed linear weights
-(``seq2seq_diff.packed``; "torch-gemm" rows: the same models on torch's default GEMM), and also
-with int8 dynamic quantisation (``translate --int8``)
-and, on CPUs with AVX512-BF16/AMX, in bf16 (``translate --bf16``; HF's ``model.to(bfloat16)``
-beside it), and with compiled decoding steps in float32 and bf16 (``translate --compile``;
-compiled during the untimed warm-up round).
+On the CPU our models decode as ``translate`` does (``translator.inference_model``): in float32
+with oneDNN-packed linear weights where packing pays on this CPU, else with the weights stored
+input-major (``seq2seq_diff.packed``; "as trained" rows: the training model itself, unfused and
+row-major, on torch's default GEMM); with int8 dynamic quantisation (``translate --int8``);
+on CPUs with AVX512-BF16/AMX in bf16 (``translate --bf16``; HF's ``model.to(bfloat16)`` beside
+it); and with compiled decoding steps in float32 and bf16 (``translate --compile``; compiled
+during the untimed warm-up round).
 """
 
 from __future__ import annotations
@@ -43,17 +44,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 
-from seq2seq_diff.compiled import compile_decoding  # noqa: E402
 from seq2seq_diff.loss import smoothed_cross_entropy  # noqa: E402
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer  # noqa: E402
-from seq2seq_diff.packed import pack_linears, packing_available  # noqa: E402
-from seq2seq_diff.quantize import (  # noqa: E402
-    cpu_bf16_native,
-    precision_context,
-    quantize_int8,
-    to_bf16,
-)
+from seq2seq_diff.quantize import cpu_bf16_native, precision_context  # noqa: E402
 from seq2seq_diff.search import beam_search, greedy_search  # noqa: E402
+from seq2seq_diff.translator import inference_model  # noqa: E402
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -330,10 +325,8 @@ def memory_child(args) -> None:
     else:
         model = marian(args) if engine == "hf" else ours(engine.split()[1], args)
         precision = engine.split()[2] if len(engine.split()) > 2 else "none"  # ours ... int8/bf16
-        if precision != "none":
-            model = quantize_int8(model) if precision == "int8" else to_bf16(model)
-        elif workload != "training" and engine != "hf" and packing_available():
-            model = pack_linears(model)  # as translate decodes in float32 on a CPU
+        if workload != "training" and engine != "hf":  # as translate decodes on a CPU
+            model = inference_model(model, "cpu", precision)
         base = _rss_mib()
         name = "hf" if engine == "hf" else "ours"
         fn = train_step_fn(name, model, args) if workload == "training" else decode_fn(
@@ -457,25 +450,22 @@ def main() -> None:
         except ImportError:
             print("ctranslate2 is not installed: no CTranslate2 (pip install -e .[bench])")
     decoders = dict(models)
-    if args.device == "cpu" and args.dtype == "float32" and packing_available():
-        for kind in ("diff", "standard"):  # translate's default on a CPU; torch's GEMM beside it
-            decoders[f"ours {kind} torch-gemm"] = models[f"ours {kind}"]
-            decoders[f"ours {kind}"] = pack_linears(models[f"ours {kind}"])
     if args.device == "cpu" and args.dtype == "float32":
-        decoders["ours diff int8"] = quantize_int8(models["ours diff"])
-        decoders["ours standard int8"] = quantize_int8(models["ours standard"])
-        bf16 = cpu_bf16_native()
-        if bf16:  # translate --bf16; HF's model.to(torch.bfloat16) beside it
-            decoders["ours diff bf16"] = to_bf16(models["ours diff"])
-            decoders["ours standard bf16"] = to_bf16(models["ours standard"])
-            if "hf" in models:
-                decoders["hf bf16"] = copy.deepcopy(models["hf"]).to(torch.bfloat16)
-        if args.compiled:  # translate --compile [--bf16]; compiled in the untimed warm-up
-            for kind in ("diff", "standard"):
-                decoders[f"ours {kind} compiled"] = compile_decoding(models[f"ours {kind}"])
+        bf16 = cpu_bf16_native()  # translate --bf16; HF's model.to(torch.bfloat16) beside it
+        for kind in ("diff", "standard"):  # as translate runs each setting
+            model = models[f"ours {kind}"]
+            decoders[f"ours {kind} as trained"] = model
+            decoders[f"ours {kind}"] = inference_model(model, "cpu")
+            decoders[f"ours {kind} int8"] = inference_model(model, "cpu", "int8")
+            if bf16:
+                decoders[f"ours {kind} bf16"] = inference_model(model, "cpu", "bf16")
+            if args.compiled:  # translate --compile [--bf16]; compiled in the untimed warm-up
+                decoders[f"ours {kind} compiled"] = inference_model(model, "cpu", compile=True)
                 if bf16:
-                    decoders[f"ours {kind} bf16 compiled"] = compile_decoding(
-                        to_bf16(models[f"ours {kind}"]))
+                    decoders[f"ours {kind} bf16 compiled"] = inference_model(
+                        model, "cpu", "bf16", compile=True)
+        if bf16 and "hf" in models:
+            decoders["hf bf16"] = copy.deepcopy(models["hf"]).to(torch.bfloat16)
     for beam in args.beams:
         fns = {name: decode_fn("hf" if name.startswith("hf") else "ours", m, args, beam,
                                "bf16" if name.startswith("ours") and "bf16" in name else "none")

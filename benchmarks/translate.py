@@ -25,19 +25,28 @@ import torch
 import yaml
 
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
+from seq2seq_diff.model_dir import load_model_dir
 from seq2seq_diff.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "data/en-ro/book/gimp-manual-heldout.en"
 
 
+PRECISIONS = ("none", "packed", "unpacked", "as-trained", "int8", "bf16", "compiled",
+              "bf16-compiled")
+
+
 def build_translator(args, beam_size: int, precision: str = "none") -> Translator:
-    """``precision``: none (float32, oneDNN-packed as translate runs), unpacked (float32 on
-    torch's default GEMM), int8, bf16, compiled (float32, ``--compile``) or bf16-compiled."""
-    quantize = precision.removesuffix("compiled").strip("-") or "none"
-    options = {"quantize": "none" if quantize == "unpacked" else quantize,
-               "pack": precision != "unpacked", "compile": precision.endswith("compiled")}
+    """``precision``: none (float32 as translate runs it by default on this CPU), packed
+    (``--pack``), unpacked (``--no-pack``: input-major weights on torch's GEMM), as-trained (the
+    training model itself: unfused, row-major), int8, bf16, compiled (``--compile``) or
+    bf16-compiled (``--bf16 --compile``)."""
+    quantize = precision.removesuffix("compiled").strip("-")
+    options = {"quantize": quantize if quantize in ("int8", "bf16") else "none",
+               "pack": {"packed": True, "unpacked": False, "as-trained": False}.get(precision),
+               "compile": precision.endswith("compiled")}
     translator = Translator.from_pretrained(args.model, beam_size=beam_size, **options)
+    model = None
     if args.random_config:  # same tokenizer, the preset's dimensions, random weights
         with open(args.random_config) as f:
             values = yaml.safe_load(f)["model"]["config"]
@@ -45,6 +54,8 @@ def build_translator(args, beam_size: int, precision: str = "none") -> Translato
         torch.manual_seed(0)
         model = Seq2SeqTransformer(ModelConfig(**values)).eval()
         translator = Translator(model, translator.tokenizer, beam_size=beam_size, **options)
+    if precision == "as-trained":
+        translator.model = model if model is not None else load_model_dir(args.model)[0]
     return translator
 
 
@@ -115,10 +126,10 @@ def main() -> None:
     parser.add_argument("--input", default=str(BOOK))
     parser.add_argument("--lines", type=int, default=0, help="use only the first N lines")
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 5])
-    parser.add_argument("--precisions", nargs="+", default=["none"],
-                        choices=["none", "unpacked", "int8", "bf16", "compiled", "bf16-compiled"],
-                        help="float32 (none: oneDNN-packed, unpacked: torch GEMM), --int8, --bf16, "
-                             "--compile (float32), --compile --bf16")
+    parser.add_argument("--precisions", nargs="+", default=["none"], choices=PRECISIONS,
+                        help="float32 (none: translate's default here, packed: --pack, unpacked: "
+                             "--no-pack, as-trained: the training model unchanged), --int8, "
+                             "--bf16, --compile (float32), --compile --bf16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--times", type=int, default=10, help="book repetitions for memory")

@@ -17,6 +17,12 @@ untied first, the self-attention and feed-forward input projections fused,
 arithmetic up to the summation order of the GEMM. Inference only: a packed weight is an opaque
 oneDNN tensor without autograd, and ``copy.deepcopy`` of a packed model gives a plain (fused)
 model back.
+
+Where weights are not packed, ``store_input_major`` keeps each linear weight (out, in) in
+column-major storage instead: ``F.linear`` multiplies by its transpose, which is then a plain
+row-major (in, out) matrix, and MKL's sgemm runs the few-row products of decoding 1.2-2× faster
+on it than on the transposed operand of the usual layout (32 rows; level from about 64 rows up:
+tenth session, BENCHMARKS.md). The same values, the same function.
 """
 
 from __future__ import annotations
@@ -99,6 +105,22 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, packed=oneDNN")
+
+
+@torch.no_grad()
+def store_input_major(model: nn.Module) -> nn.Module:
+    """Keep every ``nn.Linear`` weight of ``model`` (an inference copy) in column-major storage,
+    in place (module docstring); weights already stored so are left alone. Returns ``model``.
+
+    A copy keeps the layout (``copy.deepcopy``, ``.to(dtype)`` and ``.to(device)`` preserve
+    strides); ``fuse_projections`` makes row-major weights again, so store after fusing.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+            weight = module.weight
+            module.weight = nn.Parameter(weight.detach().t().contiguous().t(),
+                                         requires_grad=weight.requires_grad)
+    return model
 
 
 def pack_linears(model: Seq2SeqTransformer) -> Seq2SeqTransformer:

@@ -87,7 +87,7 @@ def fake_quantize_weights(model: Seq2SeqTransformer, bits: int,
             w = module.weight
             rows, cols = w.shape
             size = group_size if cols % group_size == 0 else cols
-            groups = w.view(rows, cols // size, size)
+            groups = w.reshape(rows, cols // size, size)
             scale = groups.abs().amax(-1, keepdim=True).clamp_min(1e-12) / levels
             module.weight.copy_(((groups / scale).round().clamp(-levels, levels) * scale)
                                 .view(rows, cols))

@@ -22,6 +22,7 @@ import torch
 
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.model import Seq2SeqTransformer
+from seq2seq_diff.packed import pack_linears, packing_available, packing_pays, store_input_major
 from seq2seq_diff.search import beam_search, greedy_search, max_lengths
 from seq2seq_diff.segment import (
     DEFAULT_MAX_TOKENS,
@@ -147,6 +148,52 @@ def make_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The model a translator decodes with
+
+
+def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
+                    quantize: str = "none", pack: bool | None = None,
+                    compile: bool = False) -> Seq2SeqTransformer:
+    """The model ``Translator`` decodes with, in eval mode on ``device`` (the caller's model is
+    left as it is; ``Translator`` documents the arguments).
+
+    * ``quantize`` "int8" or "bf16": a converted copy (``seq2seq_diff.quantize``).
+    * float32 on a CPU: oneDNN-packed weights where packing pays on this CPU, or with
+      ``pack=True`` (``packed.pack_linears``).
+    * float32 or bf16 on a CPU otherwise: an inference copy (projections fused) with its linear
+      weights stored input-major (``packed.store_input_major``). On a GPU, float32: ``model``.
+    * ``compile``: then its decoding steps compiled (``compiled.compile_decoding``).
+    """
+    device = torch.device(device)
+    if compile and quantize == "int8":
+        raise ConfigError("compiled decoding takes float32 or bf16, not int8: drop "
+                          "--compile or --int8")
+    if pack and (compile or quantize != "none"):
+        raise ConfigError("oneDNN packing is for eager float32 decoding: drop --pack, or "
+                          f"drop {'--compile' if compile else '--' + quantize}")
+    if quantize == "int8" and device.type != "cpu":
+        raise ConfigError(f"int8 quantisation runs on the CPU only, not on {device}")
+    cpu = device.type == "cpu"
+    float32 = quantize == "none" and model.embed.weight.dtype == torch.float32
+    if quantize != "none":
+        from seq2seq_diff.quantize import apply_quantization
+
+        model = apply_quantization(model, quantize)  # ConfigError for an unknown mode
+    elif (cpu and float32 and pack is not False and not compile and packing_available()
+          and (pack or packing_pays())):
+        return pack_linears(model).to(device).eval()
+    elif cpu:
+        model = model.inference_copy()
+    if cpu and quantize != "int8":
+        store_input_major(model)
+    if compile:
+        from seq2seq_diff.compiled import compile_decoding
+
+        model = compile_decoding(model)  # a copy, moved to the device below
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------
 # The translator
 
 
@@ -175,9 +222,11 @@ class Translator:
         pack: Whether a float32 model on the CPU runs with its linear weights packed into
             oneDNN's blocked layout (``seq2seq_diff.packed``: the same function, 1.1-1.4×
             faster decoding on AMD EPYC, slower on Intel Xeon); None (default): where it pays
-            on this CPU (``packed.packing_pays``). False keeps torch's default GEMM.
+            on this CPU (``packed.packing_pays``). False keeps torch's default GEMM, on weights
+            stored input-major (``inference_model``). True with ``compile`` or a
+            ``quantize`` mode is a ``ConfigError``.
         compile: Run the decoding steps through ``torch.compile`` (``seq2seq_diff.compiled``:
-            float32 or bf16, not int8; float32 then uses torch's GEMM, unpacked): tens of
+            float32 or bf16, not int8; torch's GEMM on input-major weights, unpacked): tens of
             seconds to compile once per search kind, then faster steps; for long inputs.
     """
 
@@ -214,27 +263,8 @@ class Translator:
                               f"({tokenizer.vocab_size}) differ: use the spm.model it was "
                               "trained with")
         self.device = torch.device(device)
-        if compile and quantize == "int8":
-            raise ConfigError("compiled decoding takes float32 or bf16, not int8: drop "
-                              "--compile or --int8")
-        if quantize != "none":
-            from seq2seq_diff.quantize import apply_quantization
-
-            if quantize == "int8" and self.device.type != "cpu":
-                raise ConfigError(f"int8 quantisation runs on the CPU only, not on {device}")
-            model = apply_quantization(model, quantize)  # ConfigError for an unknown mode
-        elif (pack is not False and not compile and self.device.type == "cpu"
-              and model.embed.weight.dtype == torch.float32):
-            from seq2seq_diff.packed import pack_linears, packing_available, packing_pays
-
-            if packing_available() and (pack or packing_pays()):
-                model = pack_linears(model)
-        if compile:
-            from seq2seq_diff.compiled import compile_decoding
-
-            model = compile_decoding(model)  # a copy, moved to the device below
         self.quantize = quantize
-        self.model = model.to(self.device).eval()
+        self.model = inference_model(model, self.device, quantize, pack, compile)
         self.tokenizer = tokenizer
         self.beam_size = beam_size
         self.length_penalty = length_penalty

@@ -149,7 +149,7 @@ def test_bf16_inference_is_close_to_float_and_keeps_every_line(model_dir, englis
     linears = [m for m in fast.modules() if isinstance(m, torch.nn.Linear)]
     assert fast.output_proj is not None and all(m.weight.dtype == torch.bfloat16 for m in linears)
     assert fast.embed.weight.dtype == torch.float32
-    assert model.decoder_layers[0].ffn.w1.weight.dtype == torch.float32  # the original is kept
+    assert model.decoder_layers[0].ffn.w13.weight.dtype == torch.float32  # the original is kept
     src = torch.randint(4, 200, (2, 6))
     tgt = torch.randint(4, 200, (2, 4))
     with torch.no_grad():

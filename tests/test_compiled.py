@@ -126,11 +126,13 @@ def test_translate_cli_compile_gives_the_same_lines(model_dir, tmp_path, english
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 13
 
 
-def test_compile_with_int8_is_one_clear_error(model, tokenizer, model_dir, capsys):
+def test_compile_with_int8_or_pack_is_one_clear_error(model, tokenizer, model_dir, capsys):
     from seq2seq_diff.cli import main
 
     with pytest.raises(ConfigError, match="drop --compile or --int8"):
         Translator(model, tokenizer, compile=True, quantize="int8")
-    assert main(["translate", "--model", str(model_dir), "--compile", "--int8"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "drop --compile or --int8" in err[0]
+    for flag, message in (("--int8", "drop --compile or --int8"),
+                          ("--pack", "drop --pack, or drop --compile")):
+        assert main(["translate", "--model", str(model_dir), "--compile", flag]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
