@@ -24,11 +24,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
-from seq2seq_diff.model_dir import load_model_dir
-from seq2seq_diff.translator import Translator
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+
+from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer  # noqa: E402
+from seq2seq_diff.model_dir import load_model_dir  # noqa: E402
+from seq2seq_diff.translator import Translator  # noqa: E402
+
 BOOK = ROOT / "data/en-ro/book/gimp-manual-heldout.en"
 
 

@@ -21,9 +21,9 @@ whose ``decode`` runs
 Greedy search and beam search (one graph per beam size: the K beams of a source share its
 cross-attention keys) each compile once per process: about 50 s on 2 CPU cores, 30 s once
 inductor's on-disk cache holds the kernels (Dynamo's tracing is redone every time). Greedy steps
-then run about 1.6× faster on a real book, beam-5 steps 1.05× (float32) to 1.26× (bf16 on AMX):
-it pays on long runs, not on a page (BENCHMARKS.md, ninth session). float32 and bf16
-(``--bf16``: autocast is traced into the graph) compile; int8 dynamic quantisation and the
+then run 1.1-1.6× faster on a real book, beam-5 steps 1.05-1.14× (float32) to 1.26-1.4× (bf16
+on AMX): it pays on long runs, not on a page (BENCHMARKS.md, ninth and tenth sessions). float32
+and bf16 (``--bf16``: autocast is traced into the graph) compile; int8 dynamic quantisation and the
 oneDNN-packed weights do not (their opaque weights are outside what Dynamo traces): inductor
 calls the same GEMM library as eager PyTorch instead. If compiling fails (no C++ compiler, an
 unsupported op), decoding warns once and goes on eagerly: the same results.

@@ -154,14 +154,15 @@ def make_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
                     quantize: str = "none", pack: bool | None = None,
                     compile: bool = False) -> Seq2SeqTransformer:
-    """The model ``Translator`` decodes with, in eval mode on ``device`` (the caller's model is
-    left as it is; ``Translator`` documents the arguments).
+    """The model ``Translator`` decodes with, in eval mode on ``device`` (``Translator``
+    documents the arguments). Uncompiled float32 on a GPU moves ``model`` there and decodes it;
+    every other setting decodes a copy and leaves the caller's model as it is.
 
     * ``quantize`` "int8" or "bf16": a converted copy (``seq2seq_diff.quantize``).
     * float32 on a CPU: oneDNN-packed weights where packing pays on this CPU, or with
       ``pack=True`` (``packed.pack_linears``).
     * float32 or bf16 on a CPU otherwise: an inference copy (projections fused) with its linear
-      weights stored input-major (``packed.store_input_major``). On a GPU, float32: ``model``.
+      weights stored input-major (``packed.store_input_major``).
     * ``compile``: then its decoding steps compiled (``compiled.compile_decoding``).
     """
     device = torch.device(device)
