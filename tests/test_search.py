@@ -208,14 +208,20 @@ def test_beam_cached_equals_uncached_reference(attention, alpha, min_len):
         assert [h.score for h in hyps] == pytest.approx([h.score for h in want], abs=1e-9)
 
 
-def test_beam_first_step_runs_once_per_sentence(monkeypatch):
-    """Step 1 has one live beam per sentence: it decodes B rows, the later steps B·K."""
-    model = random_model("diff")
-    src = random_batch(5)
+def step_rows(monkeypatch, model) -> list[int]:
+    """The rows of each decoding step ``model`` runs from now on, appended as they run."""
     rows = []
     decode = model.decode
     monkeypatch.setattr(model, "decode", lambda tgt_in, *a, **kw: (
         rows.append(tgt_in.shape[0]), decode(tgt_in, *a, **kw))[1])
+    return rows
+
+
+def test_beam_first_step_runs_once_per_sentence(monkeypatch):
+    """Step 1 has one live beam per sentence: it decodes B rows, the later steps B·K."""
+    model = random_model("diff")
+    src = random_batch(5)
+    rows = step_rows(monkeypatch, model)
     beam_search(model, src, src != PAD, beam_size=4, min_len=3, max_len_a=0.0, max_len_b=4)
     assert rows[0] == 5 and rows[1] == 5 * 4
 
@@ -313,21 +319,18 @@ def test_max_len_respected_and_formula():
     assert tokens_of(beam_search(model, src, mask, 3, 1.0, 0.0, 0)) == [[]] * len(src)
 
 
-
 def test_greedy_ends_rows_at_their_cap_without_a_step(monkeypatch):
     """A row at its cap could only get a forced eos: greedy search ends it without decoding
     another step. Caps of 4 and min_len 4: exactly 4 steps, 4 pieces, as the uncapped search
     with min_len 4 gives for its first 4 pieces."""
     model = random_model("diff")
     src = random_batch(6)
-    steps = []
-    decode = model.decode
-    monkeypatch.setattr(model, "decode", lambda tgt_in, *a, **kw: (
-        steps.append(tgt_in.shape[0]), decode(tgt_in, *a, **kw))[1])
+    steps = step_rows(monkeypatch, model)
     out = greedy_search(model, src, src != PAD, max_len_a=0.0, max_len_b=4, min_len=4)
     assert steps == [6] * 4 and all(len(o) == 4 for o in out)
     longer = greedy_search(model, src, src != PAD, max_len_a=0.0, max_len_b=50, min_len=4)
     assert out == [o[:4] for o in longer]
+
 
 def test_deterministic_across_runs():
     src = random_batch(8)
