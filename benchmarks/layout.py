@@ -1,0 +1,142 @@
+"""CPU weight layout for decoding: row-major (as trained) against input-major (``translate``).
+
+Two measurements, each interleaved in one process (medians and minima: this machine's noise
+shifts whole runs by ±20%, so the minimum is the steadier figure):
+
+* ``products``: ``F.linear`` on each decoding product's shape, the weight row-major (its
+  transpose handed to MKL) against the same weight stored input-major
+  (``packed.store_input_major``), at several row counts;
+* ``searches``: greedy and beam search on the peers batch (random weights, ``peers.py``'s
+  dimensions and batch), the training model as it is ("as trained"), an inference copy with its
+  projections fused ("fused") and that copy stored input-major ("input-major", what
+  ``translate`` decodes on a CPU where packing does not pay), eager and, with ``--compiled``,
+  compiled (``translate --compile``). Every variant must give the same tokens.
+
+    python benchmarks/layout.py                                   # d_model 256, both parts
+    python benchmarks/layout.py --parts searches --compiled --d-model 512 --layers 6 --heads 8 \\
+        --ffn-dim 2048 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from peers import add_size_arguments, make_batch, ours  # noqa: E402
+
+from seq2seq_diff.compiled import compile_decoding  # noqa: E402
+from seq2seq_diff.packed import store_input_major  # noqa: E402
+from seq2seq_diff.search import beam_search, greedy_search  # noqa: E402
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, the functions taking turns ``repeats`` times."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float], reference: list[float], unit: float, label: str) -> str:
+    med, low = statistics.median(times), min(times)
+    return (f"{med * unit:9.1f} (min {low * unit:8.1f}) {label}  "
+            f"{statistics.median(reference) / med:5.2f}× / {min(reference) / low:4.2f}× min")
+
+
+def products(args) -> None:
+    d, ffn = args.d_model, -(-2 * args.ffn_dim // 3 // 8) * 8
+    shapes = [(d, d), (d, 3 * d), (d, 2 * ffn), (ffn, d), (d, args.vocab)]
+    print(f"\nproducts: F.linear, µs per call; input-major against row-major (median / min), "
+          f"{args.repeats * 3} turns of 20 calls (4 for the widest)")
+    with torch.inference_mode():
+        for rows in args.rows:
+            for k, n in shapes:
+                weight = torch.randn(n, k) * 0.05
+                stored = weight.t().contiguous().t()  # the same matrix, input-major
+                x = torch.randn(rows, k)
+                calls = 20 if n < 4 * d else 4
+
+                def repeat(w: torch.Tensor, x: torch.Tensor = x, calls: int = calls) -> None:
+                    for _ in range(calls):
+                        F.linear(x, w)
+
+                fns = {"row-major": lambda w=weight: repeat(w),
+                       "input-major": lambda w=stored: repeat(w)}
+                interleaved(fns, 1)  # warm-up
+                times = interleaved(fns, args.repeats * 3)
+                print(f"  {rows:4d} rows, {k:5d} -> {n:5d}: "
+                      + summary(times["input-major"], times["row-major"], 1e6 / calls,
+                                "input-major"))
+
+
+def searches(args) -> None:
+    src = make_batch(args)[0]
+    mask = torch.ones_like(src, dtype=torch.bool)
+    n = args.out_len
+    print(f"\nsearches: {args.batch} sentences x {args.src_len} tokens, {n} output tokens; ms per "
+          f"search, median of {args.repeats} (min); speed against 'as trained' (median / min)")
+    for kind in ("diff", "standard"):
+        model = ours(kind, args).eval()
+        variants = {"as trained": model, "fused": model.inference_copy(),
+                    "input-major": store_input_major(model.inference_copy())}
+        if args.compiled:  # compiled during the untimed first call
+            variants["compiled row-major"] = compile_decoding(model)
+            variants["compiled input-major"] = compile_decoding(variants["input-major"])
+        for beam in args.beams:
+            def run(m, beam=beam):
+                if beam == 1:
+                    return greedy_search(m, src, mask, max_len_a=0.0, max_len_b=n, min_len=n)
+                hyps = beam_search(m, src, mask, beam_size=beam, max_len_a=0.0, max_len_b=n,
+                                   min_len=n)
+                return [h[0].tokens for h in hyps]
+
+            fns = {name: (lambda m=m: run(m)) for name, m in variants.items()}
+            outputs = {name: fn() for name, fn in fns.items()}  # warm-up (compiling)
+            interleaved(fns, 1)  # and one more untimed round
+            same = len({str(out) for out in outputs.values()}) == 1
+            times = interleaved(fns, args.repeats)
+            label = "greedy" if beam == 1 else f"beam {beam}"
+            print(f"  {kind}, {label} (same tokens: {same})")
+            for name, spent in times.items():
+                print(f"    {name:<22}" + summary(spent, times["as trained"], 1e3, ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_size_arguments(parser)
+    parser.add_argument("--parts", nargs="+", choices=["products", "searches"],
+                        default=["products", "searches"])
+    parser.add_argument("--rows", type=int, nargs="+", default=[8, 32, 160, 960],
+                        help="rows per product: a few sentences, the peers batch, its beam 5, "
+                             "an encoder batch")
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compiled", action="store_true",
+                        help="also compiled searches (tens of seconds of compiling each)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"d_model {args.d_model}, {args.layers}+{args.layers} layers, FFN {args.ffn_dim}, "
+          f"vocab {args.vocab}; {args.threads} threads; torch {torch.__version__}")
+    if "products" in args.parts:
+        products(args)
+    if "searches" in args.parts:
+        searches(args)
+
+
+if __name__ == "__main__":
+    main()
