@@ -20,9 +20,10 @@ model back.
 
 Where weights are not packed, ``store_input_major`` keeps each linear weight (out, in) in
 column-major storage instead: ``F.linear`` multiplies by its transpose, which is then a plain
-row-major (in, out) matrix, and MKL's sgemm runs the few-row products of decoding 1.2-2× faster
-on it than on the transposed operand of the usual layout (32 rows; level from about 64 rows up:
-tenth session, BENCHMARKS.md). The same values, the same function.
+row-major (in, out) matrix, and MKL's sgemm runs the few-row products of decoding 1.1-2× faster
+on it than on the transposed operand of the usual layout (8-32 rows; level from about 64 rows
+up; whole greedy searches up to 1.1×: tenth session, BENCHMARKS.md). The same values, the same
+function.
 """
 
 from __future__ import annotations
