@@ -175,13 +175,12 @@ def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
     if quantize == "int8" and device.type != "cpu":
         raise ConfigError(f"int8 quantisation runs on the CPU only, not on {device}")
     cpu = device.type == "cpu"
-    float32 = quantize == "none" and model.embed.weight.dtype == torch.float32
     if quantize != "none":
         from seq2seq_diff.quantize import apply_quantization
 
         model = apply_quantization(model, quantize)  # ConfigError for an unknown mode
-    elif (cpu and float32 and pack is not False and not compile and packing_available()
-          and (pack or packing_pays())):
+    elif (cpu and model.embed.weight.dtype == torch.float32 and pack is not False
+          and not compile and packing_available() and (pack or packing_pays())):
         return pack_linears(model).to(device).eval()
     elif cpu:
         model = model.inference_copy()
