@@ -189,7 +189,7 @@ def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
     if compile:
         from seq2seq_diff.compiled import compile_decoding
 
-        model = compile_decoding(model)  # a copy, moved to the device below
+        return compile_decoding(model, device)  # a copy, on the device
     return model.to(device).eval()
 
 

@@ -15,7 +15,7 @@ from torch._dynamo.utils import counters
 
 from seq2seq_diff.compiled import CompiledDecode, compile_decoding
 from seq2seq_diff.errors import ConfigError
-from seq2seq_diff.quantize import quantize_int8
+from seq2seq_diff.quantize import cpu_bf16_native, precision_context, quantize_int8, to_bf16
 from seq2seq_diff.search import beam_search, greedy_search
 from seq2seq_diff.translator import Translator
 
@@ -84,6 +84,35 @@ def test_compiled_step_logits_match_eager(models):
             want = eager.decode(step, None, mask, caches[0])
             got = compiled.decode(step, None, mask, caches[1])
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def step_logits(model, src, mask, tokens, precision="none") -> list[torch.Tensor]:
+    """Each cached step's logits over ``tokens``, one column at a time."""
+    with torch.inference_mode(), precision_context(precision, torch.device("cpu")):
+        cache = model.new_cache(model.encode(src, mask))
+        return [model.decode(tokens[:, t:t + 1], None, mask, cache).float()
+                for t in range(tokens.shape[1])]
+
+
+@pytest.mark.skipif(not cpu_bf16_native(), reason="bf16 products need AVX512-BF16 or AMX")
+def test_bf16_graphs_are_frozen_per_model():
+    """bf16 weights become constants of the graph (frozen, then inductor's own GEMM kernels):
+    a second model of the same shape gets graphs of its own, not the first one's weights."""
+    src = random_batch(batch=5, seed=7)
+    mask = src != 0
+    tokens = torch.randint(4, VOCAB, (5, 5), generator=torch.Generator().manual_seed(0))
+    eager = [to_bf16(random_model("standard", seed=seed).float()) for seed in (0, 1)]
+    compiled = [compile_decoding(model) for model in eager]
+    assert [c.decode.frozen for c in compiled] == [True, True]
+    assert not compile_decoding(random_model("standard").float()).decode.frozen
+    before = graphs()
+    got = [step_logits(c, src, mask, tokens, "bf16") for c in compiled]
+    want = [step_logits(e, src, mask, tokens, "bf16") for e in eager]
+    assert graphs() - before == 2 and all(c.decode.failed is None for c in compiled)
+    for g, w, other in zip(got, want, reversed(want), strict=True):
+        for step in range(2, tokens.shape[1]):  # the first two steps run eagerly
+            torch.testing.assert_close(g[step], w[step], atol=0.05, rtol=0.05)
+            assert (g[step] - other[step]).abs().max() > 0.5
 
 
 def test_failed_compile_warns_once_and_decodes_eagerly(caplog):

@@ -1,0 +1,92 @@
+"""Compiled decoding with the weights as graph inputs against frozen into the graph.
+
+``compile_decoding`` freezes bf16 weights on a CPU (inductor's ``freezing``, then
+``max_autotune`` picks, per product, its own C++ GEMM kernel or oneDNN's by timing both) and
+leaves float32 weights as graph inputs (MKL on input-major weights). This measures both choices
+on the peers batch (random weights, ``peers.py``'s dimensions and batch), each precision's two
+compiled variants interleaved in one process (medians and minima, as ``layout.py``), and checks
+that they give the same tokens.
+
+    python benchmarks/frozen.py                                        # d_model 256, bf16
+    python benchmarks/frozen.py --precisions bf16 float32 --beams 1 5
+    python benchmarks/frozen.py --d-model 512 --layers 6 --heads 8 --ffn-dim 2048 --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from layout import interleaved, summary  # noqa: E402
+from peers import add_size_arguments, make_batch, ours  # noqa: E402
+
+from seq2seq_diff.compiled import CompiledDecode, compile_decoding  # noqa: E402
+from seq2seq_diff.quantize import precision_context  # noqa: E402
+from seq2seq_diff.search import beam_search, greedy_search  # noqa: E402
+from seq2seq_diff.translator import inference_model  # noqa: E402
+
+
+def variants(kind: str, precision: str, args) -> dict[str, torch.nn.Module]:
+    """The precision's model compiled with its weights as graph inputs and frozen."""
+    quantize = "bf16" if precision == "bf16" else "none"
+    model = inference_model(ours(kind, args), "cpu", quantize=quantize)
+    built = {}
+    for frozen in (False, True):
+        compiled = compile_decoding(model)
+        compiled.decode = CompiledDecode(compiled, frozen=frozen)
+        built["frozen" if frozen else "graph inputs"] = compiled
+    return built
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_size_arguments(parser)
+    parser.add_argument("--kinds", nargs="+", choices=["diff", "standard"],
+                        default=["standard", "diff"])
+    parser.add_argument("--precisions", nargs="+", choices=["bf16", "float32"], default=["bf16"])
+    parser.add_argument("--beams", type=int, nargs="+", default=[1])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"d_model {args.d_model}, {args.layers}+{args.layers} layers, FFN {args.ffn_dim}, "
+          f"vocab {args.vocab}; {args.threads} threads; torch {torch.__version__}")
+    src = make_batch(args)[0]
+    mask = torch.ones_like(src, dtype=torch.bool)
+    n = args.out_len
+    print(f"{args.batch} sentences x {args.src_len} tokens, {n} output tokens; ms per search, "
+          f"median of {args.repeats} (min); speed against 'graph inputs' (median / min)")
+    for precision in args.precisions:
+        for kind in args.kinds:
+            models = variants(kind, precision, args)
+            for beam in args.beams:
+                def run(m, beam=beam, precision=precision):
+                    with precision_context(precision, torch.device("cpu")):
+                        if beam == 1:
+                            return greedy_search(m, src, mask, max_len_a=0.0, max_len_b=n,
+                                                 min_len=n)
+                        hyps = beam_search(m, src, mask, beam_size=beam, max_len_a=0.0,
+                                           max_len_b=n, min_len=n)
+                        return [h[0].tokens for h in hyps]
+
+                fns = {name: (lambda m=m: run(m)) for name, m in models.items()}
+                outputs = {name: fn() for name, fn in fns.items()}  # warm-up (compiling)
+                interleaved(fns, 1)  # and one more untimed round
+                same = len({str(out) for out in outputs.values()}) == 1
+                times = interleaved(fns, args.repeats)
+                label = "greedy" if beam == 1 else f"beam {beam}"
+                print(f"  {precision}, {kind}, {label} (same tokens: {same})", flush=True)
+                for name, spent in times.items():
+                    print(f"    {name:<14}" + summary(spent, times["graph inputs"], 1e3, ""),
+                          flush=True)
+
+
+if __name__ == "__main__":
+    main()
