@@ -58,23 +58,20 @@ def _tracing_settings(frozen: bool = False) -> tuple[tuple[object, str, object],
     """(config module, name, value) for one graph over all shapes: distinct sizes get distinct
     symbols even when equal (without this, a step whose self and cross caches both hold 32 rows
     ties the two, and the next step, where they differ, recompiles); room for many graphs.
-
-    ``frozen``: the weights become constants of the graph (inductor's freezing, which Dynamo
-    reads while tracing: it then guards on each parameter's identity), so inductor may choose,
-    by timing each product once, its own C++ GEMM kernels (AMX for bf16) over the library's.
-    The timings are not printed."""
+    ``frozen``: inductor's ``freezing``, which Dynamo reads while tracing (``FROZEN``)."""
     from torch._inductor import config as inductor_config
     from torch.fx.experimental import _config as fx_config
 
     settings = ((fx_config, "use_duck_shape", False),
                 (torch._dynamo.config, "recompile_limit", RECOMPILE_LIMIT))
-    if not frozen:
-        return settings
-    return settings + ((inductor_config, "freezing", True),
-                       (inductor_config, "max_autotune", True),
-                       (inductor_config, "max_autotune_gemm_backends", "CPP,ATEN"),
-                       (inductor_config, "autotune_num_choices_displayed", 0),
-                       (inductor_config, "max_autotune_report_choices_stats", False))
+    return settings + ((inductor_config, "freezing", True),) if frozen else settings
+
+
+# Inductor options of a frozen graph: the weights become constants of the graph (Dynamo then
+# guards on each parameter's identity), so inductor may choose, by timing each product once, its
+# own C++ GEMM kernels (AMX for bf16) over the library's. The timings are not printed.
+FROZEN = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 
 
 def _call_with(settings, fn, *args):
@@ -99,7 +96,8 @@ class CompiledDecode:
         # a code object of its own keeps them from other models and lets them go with this one.
         self.frozen = frozen
         step = _own_code(model) if frozen else self.eager
-        self.compiled = torch.compile(step, dynamic=True, fullgraph=True)
+        self.compiled = torch.compile(step, dynamic=True, fullgraph=True,
+                                      options=FROZEN if frozen else None)
         self.failed: str | None = None  # why compiling failed; then every step runs eagerly
         self.settings = _tracing_settings(frozen)
 
