@@ -24,12 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from layout import interleaved, summary  # noqa: E402
+from layout import race_searches, summary  # noqa: E402
 from peers import add_size_arguments, make_batch, ours  # noqa: E402
 
 from seq2seq_diff.compiled import CompiledDecode, compile_decoding  # noqa: E402
-from seq2seq_diff.quantize import precision_context  # noqa: E402
-from seq2seq_diff.search import beam_search, greedy_search  # noqa: E402
 from seq2seq_diff.translator import inference_model  # noqa: E402
 
 
@@ -67,20 +65,7 @@ def main() -> None:
         for kind in args.kinds:
             models = variants(kind, precision, args)
             for beam in args.beams:
-                def run(m, beam=beam, precision=precision):
-                    with precision_context(precision, torch.device("cpu")):
-                        if beam == 1:
-                            return greedy_search(m, src, mask, max_len_a=0.0, max_len_b=n,
-                                                 min_len=n)
-                        hyps = beam_search(m, src, mask, beam_size=beam, max_len_a=0.0,
-                                           max_len_b=n, min_len=n)
-                        return [h[0].tokens for h in hyps]
-
-                fns = {name: (lambda m=m: run(m)) for name, m in models.items()}
-                outputs = {name: fn() for name, fn in fns.items()}  # warm-up (compiling)
-                interleaved(fns, 1)  # and one more untimed round
-                same = len({str(out) for out in outputs.values()}) == 1
-                times = interleaved(fns, args.repeats)
+                same, times = race_searches(models, src, mask, n, beam, args.repeats, precision)
                 label = "greedy" if beam == 1 else f"beam {beam}"
                 print(f"  {precision}, {kind}, {label} (same tokens: {same})", flush=True)
                 for name, spent in times.items():

@@ -37,6 +37,7 @@ from peers import add_size_arguments, make_batch, ours  # noqa: E402
 
 from seq2seq_diff.compiled import compile_decoding  # noqa: E402
 from seq2seq_diff.packed import store_input_major  # noqa: E402
+from seq2seq_diff.quantize import precision_context  # noqa: E402
 from seq2seq_diff.search import beam_search, greedy_search  # noqa: E402
 
 
@@ -49,6 +50,27 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
             fn()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def race_searches(models: dict[str, torch.nn.Module], src: torch.Tensor, mask: torch.Tensor,
+                  out_len: int, beam: int, repeats: int,
+                  precision: str = "none") -> tuple[bool, dict[str, list[float]]]:
+    """Each model's search of exactly ``out_len`` tokens (greedy, or beam search's best), two
+    untimed rounds (compiling) then ``repeats`` interleaved: (all gave the same tokens, seconds
+    per search of each)."""
+    def run(model: torch.nn.Module) -> list:
+        with precision_context(precision, torch.device("cpu")):
+            if beam == 1:
+                return greedy_search(model, src, mask, max_len_a=0.0, max_len_b=out_len,
+                                     min_len=out_len)
+            hyps = beam_search(model, src, mask, beam_size=beam, max_len_a=0.0,
+                               max_len_b=out_len, min_len=out_len)
+            return [h[0].tokens for h in hyps]
+
+    fns = {name: (lambda m=m: run(m)) for name, m in models.items()}
+    outputs = {name: fn() for name, fn in fns.items()}
+    interleaved(fns, 1)
+    return len({str(out) for out in outputs.values()}) == 1, interleaved(fns, repeats)
 
 
 def summary(times: list[float], reference: list[float], unit: float, label: str) -> str:
@@ -97,18 +119,7 @@ def searches(args) -> None:
             variants["compiled row-major"] = compile_decoding(model)
             variants["compiled input-major"] = compile_decoding(variants["input-major"])
         for beam in args.beams:
-            def run(m, beam=beam):
-                if beam == 1:
-                    return greedy_search(m, src, mask, max_len_a=0.0, max_len_b=n, min_len=n)
-                hyps = beam_search(m, src, mask, beam_size=beam, max_len_a=0.0, max_len_b=n,
-                                   min_len=n)
-                return [h[0].tokens for h in hyps]
-
-            fns = {name: (lambda m=m: run(m)) for name, m in variants.items()}
-            outputs = {name: fn() for name, fn in fns.items()}  # warm-up (compiling)
-            interleaved(fns, 1)  # and one more untimed round
-            same = len({str(out) for out in outputs.values()}) == 1
-            times = interleaved(fns, args.repeats)
+            same, times = race_searches(variants, src, mask, n, beam, args.repeats)
             label = "greedy" if beam == 1 else f"beam {beam}"
             print(f"  {kind}, {label} (same tokens: {same})")
             for name, spent in times.items():
