@@ -147,10 +147,11 @@ def compile_decoding(model: Seq2SeqTransformer,
     """An inference copy of ``model`` (float32 or bf16 weights), moved to ``device`` if given,
     whose decoding steps compile.
 
-    bf16 weights on a CPU are frozen into the graph
-    (``_tracing_settings``): at 32 rows its AMX kernels made greedy steps 1.2-1.3x faster than
-    oneDNN's. float32 ones are not: frozen, inductor repacks them for oneDNN, 0.9x the
-    input-major MKL products (BENCHMARKS.md, eleventh session).
+    bf16 weights on a CPU are frozen into the graph (``FROZEN``; the graph keeps packed copies
+    of them, the module its own for the eager steps): with inductor's AMX kernels greedy searches
+    ran 1.2-1.35x faster than on oneDNN's (32 rows a step, d_model 256). float32 ones are not:
+    frozen, inductor repacks them for oneDNN, 0.9x the MKL products on input-major weights
+    (BENCHMARKS.md, eleventh session).
     """
     for module in model.modules():
         if "quantized" in type(module).__module__ or hasattr(module, "packed"):
