@@ -38,7 +38,7 @@ def variants(kind: str, precision: str, args) -> dict[str, torch.nn.Module]:
     built = {}
     for frozen in (False, True):
         compiled = compile_decoding(model)
-        compiled.decode = CompiledDecode(compiled, frozen=frozen)
+        compiled.decode = CompiledDecode(compiled, frozen=frozen, frozen_beams=frozen)
         built["frozen" if frozen else "graph inputs"] = compiled
     return built
 

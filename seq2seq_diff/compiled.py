@@ -28,8 +28,9 @@ oneDNN-packed weights do not (their opaque weights are outside what Dynamo trace
 products call the same GEMM library as eager PyTorch (MKL, on input-major weights). bf16 weights
 on a CPU are frozen into the graph instead, and inductor times its own C++ GEMM kernels (AMX
 tiles) against oneDNN's for each product once, at compile time, keeping the faster: greedy
-steps 1.2-1.35× faster again at d_model 256 and 1.05-1.3× at 512, beam steps level, for a
-longer compile. If compiling fails (no C++ compiler, an unsupported op), decoding warns once and
+steps 1.2-1.35× faster again at d_model 256 and 1.05-1.3× at 512, for a longer compile. Beam
+steps gained 1.01-1.04× from it, not worth doubling their compile time: they keep the weights
+as graph inputs. If compiling fails (no C++ compiler, an unsupported op), decoding warns once and
 goes on eagerly: the same results.
 """
 
@@ -90,16 +91,23 @@ def _call_with(settings, fn, *args):
 class CompiledDecode:
     """``Seq2SeqTransformer.decode`` with its incremental steps compiled (module docstring)."""
 
-    def __init__(self, model: Seq2SeqTransformer, frozen: bool = False):
+    def __init__(self, model: Seq2SeqTransformer, frozen: bool = False,
+                 frozen_beams: bool = False):
         self.eager = types.MethodType(type(model).decode, model)  # the class's eager decode
-        # Dynamo keeps graphs per code object, and a frozen graph holds one model's weights:
-        # a code object of its own keeps them from other models and lets them go with this one.
-        self.frozen = frozen
-        step = _own_code(model) if frozen else self.eager
-        self.compiled = torch.compile(step, dynamic=True, fullgraph=True,
-                                      options=FROZEN if frozen else None)
+        self.compiled = torch.compile(self.eager, dynamic=True, fullgraph=True)
+        self.settings = _tracing_settings()
         self.failed: str | None = None  # why compiling failed; then every step runs eagerly
-        self.settings = _tracing_settings(frozen)
+        # ``frozen``: steps whose rows each have a source of their own (greedy search) run a
+        # graph with the weights frozen in; beam steps (K rows share a source's cross-attention
+        # keys) too with ``frozen_beams``, otherwise they keep them as graph inputs: frozen,
+        # they ran 1.01-1.04x faster for twice the compile time. Dynamo keeps graphs per code
+        # object, and a frozen graph holds one model's weights: a code object of its own keeps
+        # them from other models and lets them go with this one.
+        self.frozen, self.frozen_beams = frozen, frozen and frozen_beams
+        if frozen:
+            self.compiled_frozen = torch.compile(_own_code(model), dynamic=True,
+                                                 fullgraph=True, options=FROZEN)
+            self.settings_frozen = _tracing_settings(frozen=True)
 
     def __call__(self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,
                  cache: DecoderCache | None = None) -> Tensor:
@@ -111,8 +119,11 @@ class CompiledDecode:
         tgt_in = tgt_in.clone(memory_format=torch.contiguous_format)
         if not src_mask.is_inference():
             src_mask = src_mask.clone()
+        settings, step = self.settings, self.compiled
+        if self.frozen and (self.frozen_beams or cache.cross_attn[0].group == 1):
+            settings, step = self.settings_frozen, self.compiled_frozen
         try:
-            return _call_with(self.settings, self.compiled, tgt_in, memory, src_mask, cache)
+            return _call_with(settings, step, tgt_in, memory, src_mask, cache)
         except torch._dynamo.exc.TorchDynamoException as error:
             # Raised while tracing or compiling, before the graph ran: the cache is untouched.
             self.failed = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
@@ -147,11 +158,11 @@ def compile_decoding(model: Seq2SeqTransformer,
     """An inference copy of ``model`` (float32 or bf16 weights), moved to ``device`` if given,
     whose decoding steps compile.
 
-    bf16 weights on a CPU are frozen into the graph (``FROZEN``; the graph keeps packed copies
-    of them, the module its own for the eager steps): with inductor's AMX kernels greedy searches
-    ran 1.2-1.35x faster than on oneDNN's (32 rows a step, d_model 256). float32 ones are not:
-    frozen, inductor repacks them for oneDNN, 0.9x the MKL products on input-major weights
-    (BENCHMARKS.md, eleventh session).
+    bf16 weights on a CPU are frozen into greedy search's graph (``FROZEN``; the graph keeps
+    packed copies of them, the module its own for the other steps): with inductor's AMX kernels
+    greedy searches ran 1.2-1.35x faster than on oneDNN's (32 rows a step, d_model 256).
+    float32 ones are not: frozen, inductor repacks them for oneDNN, 0.9x the MKL products on
+    input-major weights (BENCHMARKS.md, eleventh session).
     """
     for module in model.modules():
         if "quantized" in type(module).__module__ or hasattr(module, "packed"):

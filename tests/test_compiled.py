@@ -115,6 +115,20 @@ def test_bf16_graphs_are_frozen_per_model():
             assert (g[step] - other[step]).abs().max() > 0.5
 
 
+def test_frozen_graph_serves_greedy_steps_and_beam_steps_keep_graph_inputs():
+    model = compile_decoding(to_bf16(random_model("standard").float()))
+    step, calls = model.decode, []
+    step.compiled = lambda *args: calls.append("inputs") or step.eager(*args)
+    step.compiled_frozen = lambda *args: calls.append("frozen") or step.eager(*args)
+    src = random_batch(batch=6, seed=1)
+    with precision_context("bf16", torch.device("cpu")):
+        greedy(model, src, src != 0)
+        assert calls and set(calls) == {"frozen"}
+        calls.clear()
+        beam(model, src, src != 0)
+        assert calls and set(calls) == {"inputs"}
+
+
 def test_failed_compile_warns_once_and_decodes_eagerly(caplog):
     eager = random_model("diff").float()
     compiled = compile_decoding(eager)
