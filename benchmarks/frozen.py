@@ -1,11 +1,12 @@
 """Compiled decoding with the weights as graph inputs against frozen into the graph.
 
-``compile_decoding`` freezes bf16 weights on a CPU (inductor's ``freezing``, then
-``max_autotune`` picks, per product, its own C++ GEMM kernel or oneDNN's by timing both) and
-leaves float32 weights as graph inputs (MKL on input-major weights). This measures both choices
-on the peers batch (random weights, ``peers.py``'s dimensions and batch), each precision's two
-compiled variants interleaved in one process (medians and minima, as ``layout.py``), and checks
-that they give the same tokens.
+``compile_decoding`` freezes bf16 weights on a CPU into greedy search's graph (inductor's
+``freezing``, then ``max_autotune`` picks, per product, its own C++ GEMM kernel or oneDNN's by
+timing both), leaves beam search's graph and float32 weights as graph inputs (MKL on
+input-major weights). This measures those choices (the frozen variant freezes beam steps too,
+``frozen_beams``) on the peers batch (random weights, ``peers.py``'s dimensions and batch),
+each precision's two compiled variants interleaved in one process (medians and minima, as
+``layout.py``), and checks that they give the same tokens.
 
     python benchmarks/frozen.py                                        # d_model 256, bf16
     python benchmarks/frozen.py --precisions bf16 float32 --beams 1 5
