@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from layout import race_searches, summary  # noqa: E402
-from peers import add_size_arguments, make_batch, ours  # noqa: E402
+from peers import add_size_arguments, ours  # noqa: E402
 
 from seq2seq_diff.compiled import CompiledDecode, compile_decoding  # noqa: E402
 from seq2seq_diff.translator import inference_model  # noqa: E402
@@ -53,20 +53,19 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.set_defaults(device="cpu", dtype="float32")  # what peers.decode_fn reads
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"d_model {args.d_model}, {args.layers}+{args.layers} layers, FFN {args.ffn_dim}, "
           f"vocab {args.vocab}; {args.threads} threads; torch {torch.__version__}")
-    src = make_batch(args)[0]
-    mask = torch.ones_like(src, dtype=torch.bool)
-    n = args.out_len
-    print(f"{args.batch} sentences x {args.src_len} tokens, {n} output tokens; ms per search, "
-          f"median of {args.repeats} (min); speed against 'graph inputs' (median / min)")
+    print(f"{args.batch} sentences x {args.src_len} tokens, {args.out_len} output tokens; "
+          f"ms per search, median of {args.repeats} (min); speed against 'graph inputs' "
+          "(median / min)")
     for precision in args.precisions:
         for kind in args.kinds:
             models = variants(kind, precision, args)
             for beam in args.beams:
-                same, times = race_searches(models, src, mask, n, beam, args.repeats, precision)
+                same, times = race_searches(models, args, beam, precision)
                 label = "greedy" if beam == 1 else f"beam {beam}"
                 print(f"  {precision}, {kind}, {label} (same tokens: {same})", flush=True)
                 for name, spent in times.items():

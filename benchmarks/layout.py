@@ -33,12 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from peers import add_size_arguments, make_batch, ours  # noqa: E402
+from peers import add_size_arguments, decode_fn, ours  # noqa: E402
 
 from seq2seq_diff.compiled import compile_decoding  # noqa: E402
 from seq2seq_diff.packed import store_input_major  # noqa: E402
-from seq2seq_diff.quantize import precision_context  # noqa: E402
-from seq2seq_diff.search import beam_search, greedy_search  # noqa: E402
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
@@ -52,25 +50,15 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return times
 
 
-def race_searches(models: dict[str, torch.nn.Module], src: torch.Tensor, mask: torch.Tensor,
-                  out_len: int, beam: int, repeats: int,
+def race_searches(models: dict[str, torch.nn.Module], args, beam: int,
                   precision: str = "none") -> tuple[bool, dict[str, list[float]]]:
-    """Each model's search of exactly ``out_len`` tokens (greedy, or beam search's best), two
-    untimed rounds (compiling) then ``repeats`` interleaved: (all gave the same tokens, seconds
-    per search of each)."""
-    def run(model: torch.nn.Module) -> list:
-        with precision_context(precision, torch.device("cpu")):
-            if beam == 1:
-                return greedy_search(model, src, mask, max_len_a=0.0, max_len_b=out_len,
-                                     min_len=out_len)
-            hyps = beam_search(model, src, mask, beam_size=beam, max_len_a=0.0,
-                               max_len_b=out_len, min_len=out_len)
-            return [h[0].tokens for h in hyps]
-
-    fns = {name: (lambda m=m: run(m)) for name, m in models.items()}
+    """Each model's search of the peers batch (``peers.decode_fn``), two untimed rounds
+    (compiling) then ``args.repeats`` interleaved: (all gave the same tokens, seconds per search
+    of each)."""
+    fns = {name: decode_fn("ours", model, args, beam, precision) for name, model in models.items()}
     outputs = {name: fn() for name, fn in fns.items()}
     interleaved(fns, 1)
-    return len({str(out) for out in outputs.values()}) == 1, interleaved(fns, repeats)
+    return len({str(out) for out in outputs.values()}) == 1, interleaved(fns, args.repeats)
 
 
 def summary(times: list[float], reference: list[float], unit: float, label: str) -> str:
@@ -106,11 +94,9 @@ def products(args) -> None:
 
 
 def searches(args) -> None:
-    src = make_batch(args)[0]
-    mask = torch.ones_like(src, dtype=torch.bool)
-    n = args.out_len
-    print(f"\nsearches: {args.batch} sentences x {args.src_len} tokens, {n} output tokens; ms per "
-          f"search, median of {args.repeats} (min); speed against 'as trained' (median / min)")
+    print(f"\nsearches: {args.batch} sentences x {args.src_len} tokens, {args.out_len} output "
+          f"tokens; ms per search, median of {args.repeats} (min); speed against 'as trained' "
+          "(median / min)")
     for kind in ("diff", "standard"):
         model = ours(kind, args).eval()
         variants = {"as trained": model, "fused": model.inference_copy(),
@@ -119,7 +105,7 @@ def searches(args) -> None:
             variants["compiled row-major"] = compile_decoding(model)
             variants["compiled input-major"] = compile_decoding(variants["input-major"])
         for beam in args.beams:
-            same, times = race_searches(variants, src, mask, n, beam, args.repeats)
+            same, times = race_searches(variants, args, beam)
             label = "greedy" if beam == 1 else f"beam {beam}"
             print(f"  {kind}, {label} (same tokens: {same})")
             for name, spent in times.items():
@@ -137,6 +123,7 @@ def main() -> None:
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
+    parser.set_defaults(device="cpu", dtype="float32")  # what peers.decode_fn reads
     parser.add_argument("--compiled", action="store_true",
                         help="also compiled searches (tens of seconds of compiling each)")
     args = parser.parse_args()

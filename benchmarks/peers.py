@@ -155,14 +155,15 @@ def train_step_fn(name: str, model, args) -> Callable[[], None]:
     return step
 
 
-def decode_fn(name: str, model, args, beam: int, precision: str = "none") -> Callable[[], None]:
-    """Decode the batch with ``model``; ``precision`` 'bf16' runs ours under bf16 autocast."""
+def decode_fn(name: str, model, args, beam: int, precision: str = "none") -> Callable[[], list]:
+    """Decode the batch with ``model``; ``precision`` 'bf16' runs ours under bf16 autocast.
+    The function returns the tokens: HF's output rows, ours each sentence's (best) tokens."""
     if precision != "none":
         run = decode_fn(name, model, args, beam)
 
-        def in_precision() -> None:
+        def in_precision() -> list:
             with precision_context(precision, torch.device(args.device)):
-                run()
+                return run()
         return in_precision
     src = make_batch(args)[0].to(args.device)
     mask = torch.ones_like(src, dtype=torch.bool)
@@ -171,22 +172,25 @@ def decode_fn(name: str, model, args, beam: int, precision: str = "none") -> Cal
         model.to(getattr(torch, args.dtype))
     n = args.out_len
     if name == "hf":
-        def run() -> None:
+        def run() -> list:
             with torch.inference_mode():
                 out = model.generate(input_ids=src, attention_mask=mask, num_beams=beam,
                                      do_sample=False, min_new_tokens=n, max_new_tokens=n,
                                      length_penalty=1.0,
                                      **({"early_stopping": True} if beam > 1 else {}))
             assert out.shape[1] >= n, out.shape
+            return out.tolist()
     elif beam == 1:
-        def run() -> None:
+        def run() -> list:
             out = greedy_search(model, src, mask, max_len_a=0.0, max_len_b=n, min_len=n)
             assert all(len(o) == n for o in out)
+            return out
     else:
-        def run() -> None:
+        def run() -> list:
             out = beam_search(model, src, mask, beam_size=beam, max_len_a=0.0, max_len_b=n,
                               min_len=n)
             assert all(len(h[0].tokens) == n for h in out)
+            return [h[0].tokens for h in out]
     return run
 
 
