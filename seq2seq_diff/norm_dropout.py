@@ -9,6 +9,12 @@
   the kept values are scaled by the exact inverse of the kept share, so the expectation is
   unchanged. The default torch generator is used, so ``seed_everything`` and resumed RNG states
   reproduce it. On GPUs ``F.dropout`` (Philox, fused) is used as is.
+
+  Under ``torch.compile`` the mask comes from the same function, wrapped as the custom op
+  ``seq2seq_diff::keep_mask`` that the compiled graph calls: Dynamo cannot trace ``random_``
+  (each dropout would break the graph, and a break inside the layer loop sends the whole stack
+  back to eager), and inductor's own CPU dropout runs a scalar Philox round per element, 10 ms
+  for one FFN activation of the peers batch (BENCHMARKS.md). The multiply by the mask fuses.
 """
 
 from __future__ import annotations
@@ -38,6 +44,22 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device | None = None) -
     return bits.view(shape) >= -(2**15) + round(p * _LEVELS)
 
 
+@torch.library.custom_op("seq2seq_diff::keep_mask", mutates_args=())
+def _keep_mask_like(x: Tensor, p: float) -> Tensor:
+    """``keep_mask`` of ``x``'s shape, as an op a compiled graph calls (never traces into).
+
+    ``x`` is an input, not just its shape, so that the graph's common-subexpression pass,
+    which knows only torch's own random ops, cannot merge the masks of two dropouts; and the
+    partitioner never recomputes a custom op for the backward, so the mask is saved.
+    """
+    return keep_mask(x.shape, p, x.device)
+
+
+@_keep_mask_like.register_fake
+def _(x: Tensor, p: float) -> Tensor:
+    return torch.empty_like(x, dtype=torch.bool)
+
+
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """``F.dropout`` with a cheaper CPU mask (see the module docstring)."""
     if not training or p <= 0.0:
@@ -48,7 +70,11 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     if levels == 0:
         return x
     scale = _LEVELS / (_LEVELS - levels)
-    return x * torch.where(keep_mask(x.shape, p, x.device), scale, 0.0).to(x.dtype)
+    if torch.compiler.is_compiling():
+        keep = _keep_mask_like(x.detach(), p)
+    else:
+        keep = keep_mask(x.shape, p, x.device)
+    return x * torch.where(keep, scale, 0.0).to(x.dtype)
 
 
 class Dropout(nn.Dropout):

@@ -260,17 +260,26 @@ def test_a_model_with_nan_weights_is_never_written(tmp_path, data):
 # The rotary embedding's complex product is eager-only: compiled graphs must use its real form.
 @pytest.mark.filterwarnings("error:Torchinductor does not support code generation for complex")
 def test_compiled_loss_equals_eager_loss_and_gradients():
-    """model.compile: the torch.compile'd encoder/decoder gives the eager loss and gradients."""
-    eager = TranslationModule(tiny_config(300), warmup_steps=1).eval()
-    compiled = TranslationModule(tiny_config(300), warmup_steps=1, compile=True).eval()
+    """model.compile: the torch.compile'd encoder/decoder gives the eager loss and gradients,
+    dropout included: one graph (the CPU dropout mask is an op the graph calls, not a break),
+    and the same seed draws the same masks in the same order."""
+    from torch._dynamo.utils import counters
+
+    eager = TranslationModule(tiny_config(300, dropout=0.3), warmup_steps=1)
+    compiled = TranslationModule(tiny_config(300, dropout=0.3), warmup_steps=1, compile=True)
     compiled.load_state_dict(eager.state_dict())
     batch = _batch(extra_pad=2)
+    breaks = sum(counters["graph_break"].values())
     results = []
     for module in (eager, compiled):
+        torch.manual_seed(7)
         loss, nll, ntokens = module._loss(batch)
         loss.backward()
         results.append((loss.detach(), nll, ntokens,
                         [p.grad.clone() for p in module.parameters() if p.grad is not None]))
+    assert sum(counters["graph_break"].values()) == breaks
     (l0, n0, t0, g0), (l1, n1, t1, g1) = results
+    torch.manual_seed(8)
+    assert not torch.allclose(eager._loss(batch)[0], l0)  # dropout is on: another seed differs
     assert t0 == t1 and torch.allclose(l0, l1, rtol=1e-5) and torch.allclose(n0, n1, rtol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1, strict=True))

@@ -70,3 +70,19 @@ def test_rmsnorm_matches_torch_and_keeps_float32_statistics_under_bf16():
     assert y.dtype == torch.bfloat16
     exact = F.rms_norm(xb.float(), (16,), ours.weight, 1e-5)
     assert torch.allclose(y.float(), exact, rtol=1e-2)
+
+
+def test_compiled_dropout_is_one_graph_with_the_eager_mask_and_gradient():
+    """Under torch.compile the mask comes from the same generator draws (an op the graph calls,
+    not a graph break), so a seed gives the eager output and gradient."""
+    x = torch.randn(6, 40, requires_grad=True)
+    compiled = torch.compile(lambda t: dropout(t, 0.25) * 2.0, fullgraph=True)
+    outputs = []
+    for fn in (lambda t: dropout(t, 0.25) * 2.0, compiled):
+        torch.manual_seed(11)
+        y = fn(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        outputs.append((y, grad))
+    (y0, g0), (y1, g1) = outputs
+    assert torch.equal(y0, y1) and torch.equal(g0, g1)
+    assert 0.6 < (y1 != 0).float().mean().item() < 0.9
