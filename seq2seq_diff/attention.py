@@ -48,15 +48,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._tables: dict[torch.dtype, Tensor] = {}  # (L, D/2, 2): cos, sin per real dtype
 
+    def _angles(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """(cos, sin) of p·θ_i for positions start .. start+length-1: (L, D/2, 2), computed in
+        float64 and then cast to ``dtype``."""
+        t = torch.arange(start, start + length, dtype=torch.float64, device=device)
+        freqs = torch.outer(t, self.inv_freq.to(device))  # (L, D/2)
+        return torch.stack((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+
     def _table(self, length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         table = self._tables.get(dtype)
         if table is None or table.shape[0] < length or table.device != device:
             size = max(length, 2 * (0 if table is None else table.shape[0]), 256)
             # A normal tensor even when first built while translating: training may reuse it.
             with torch.inference_mode(False), torch.no_grad():
-                t = torch.arange(size, dtype=torch.float64, device=device)
-                freqs = torch.outer(t, self.inv_freq.to(device))  # (L, D/2)
-                table = torch.stack((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+                table = self._angles(0, size, device, dtype)
             self._tables[dtype] = table
         return table
 
@@ -64,14 +69,17 @@ class RotaryEmbedding(nn.Module):
         """Rotate ``x`` (B, heads, L, D) as positions ``offset .. offset+L-1``."""
         length = x.shape[-2]
         real = torch.promote_types(x.dtype, torch.float32)
-        table = self._table(offset + length, x.device, real)[offset : offset + length]
         pairs = x.to(real).unflatten(-1, (-1, 2))  # (B, heads, L, D/2, 2)
         if torch.compiler.is_compiling():
             # Inductor generates no code for complex ops but fuses the real form into one kernel.
+            # The angles come from the positions in the graph: reading or growing the eager
+            # table would make the graph guard on it, and recompile when it changes (for a
+            # training graph, 90 s on 2 CPU cores).
+            cos, sin = self._angles(offset, length, x.device, real).unbind(-1)
             x1, x2 = pairs.unbind(-1)
-            cos, sin = table.unbind(-1)
             rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
         else:
+            table = self._table(offset + length, x.device, real)[offset : offset + length]
             if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
                 pairs = pairs.contiguous()  # a complex view needs even strides (projections have)
             cis = torch.view_as_complex(table)  # e^{i·p·θ} (L, D/2)

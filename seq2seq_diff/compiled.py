@@ -32,6 +32,8 @@ steps 1.2-1.35× faster again at d_model 256 and 1.05-1.3× at 512, for a longer
 steps gained 1.01-1.04× from it, not worth doubling their compile time: they keep the weights
 as graph inputs. If compiling fails (no C++ compiler, an unsupported op), decoding warns once and
 goes on eagerly: the same results.
+
+``CompiledOrEager`` is the same fallback for training's compiled loss (``model.compile``).
 """
 
 from __future__ import annotations
@@ -88,6 +90,36 @@ def _call_with(settings, fn, *args):
             setattr(module, name, value)
 
 
+def _reason(error: Exception) -> str:
+    """The first line of a compile error, for a one-line warning."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
+
+
+class CompiledOrEager:
+    """``torch.compile(fn)``, or ``fn`` itself from the first call whose compile fails (no C++
+    compiler, an unsupported op): one warning naming ``what``, then eager, the same results.
+
+    Dynamo raises while tracing or compiling, before the graph runs; ``fn`` must have no graph
+    break before a failing part (training's encoder/decoder is one graph).
+    """
+
+    def __init__(self, fn: Callable[..., Tensor], what: str):
+        self.eager, self.what = fn, what
+        self.compiled = torch.compile(fn)
+        self.failed: str | None = None
+
+    def __call__(self, *args: Tensor) -> Tensor:
+        if self.failed is None:
+            try:
+                return self.compiled(*args)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                self.failed = _reason(error)
+                logger.warning("torch.compile of %s failed (%s); running it eagerly", self.what,
+                               self.failed)
+        return self.eager(*args)
+
+
 class CompiledDecode:
     """``Seq2SeqTransformer.decode`` with its incremental steps compiled (module docstring)."""
 
@@ -126,7 +158,7 @@ class CompiledDecode:
             return _call_with(settings, step, tgt_in, memory, src_mask, cache)
         except torch._dynamo.exc.TorchDynamoException as error:
             # Raised while tracing or compiling, before the graph ran: the cache is untouched.
-            self.failed = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            self.failed = _reason(error)
             logger.warning("torch.compile of the decoding step failed (%s); decoding eagerly",
                            self.failed)
             return self.eager(tgt_in, memory, src_mask, cache)

@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sacrebleu.metrics import BLEU, CHRF
 from torch import Tensor, nn
 
+from seq2seq_diff.compiled import CompiledOrEager
 from seq2seq_diff.errors import ConfigError, TrainingError
 from seq2seq_diff.loss import smoothed_cross_entropy
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
@@ -163,7 +164,8 @@ class TranslationModule(L.LightningModule):
         self.hparams["config"] = config.to_dict()
         self.config = config
         self.model = Seq2SeqTransformer(config)
-        self._states = torch.compile(self._decoder_states) if compile else self._decoder_states
+        self._states = (CompiledOrEager(self._decoder_states, "the training loss")
+                        if compile else self._decoder_states)
         # Set by the command line: the resolved config, stored in checkpoints and model dirs.
         self.training_config: dict[str, Any] | None = None
         # A tokenizer set directly wins over the data module's (for use without a Trainer).

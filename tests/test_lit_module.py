@@ -283,3 +283,24 @@ def test_compiled_loss_equals_eager_loss_and_gradients():
     assert not torch.allclose(eager._loss(batch)[0], l0)  # dropout is on: another seed differs
     assert t0 == t1 and torch.allclose(l0, l1, rtol=1e-5) and torch.allclose(n0, n1, rtol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1, strict=True))
+
+
+def test_failed_training_compile_warns_once_and_runs_eagerly(caplog):
+    """model.compile where compiling fails (no C++ compiler): one warning, the eager loss."""
+    eager = TranslationModule(tiny_config(300), warmup_steps=1).eval()
+    compiled = TranslationModule(tiny_config(300), warmup_steps=1, compile=True).eval()
+    compiled.load_state_dict(eager.state_dict())
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise torch._dynamo.exc.TorchDynamoException("no working C++ compiler")
+
+    compiled._states.compiled = broken
+    batch = _batch()
+    with caplog.at_level(logging.WARNING, logger="seq2seq_diff"):
+        for _ in range(2):
+            assert torch.equal(compiled._loss(batch)[0], eager._loss(batch)[0])
+    assert len(calls) == 1 and compiled._states.failed == "no working C++ compiler"
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile of the training loss failed (no working C++ compiler); running it eagerly"]
