@@ -4,10 +4,11 @@ All engines get the same dimensions (random weights), the same batch of random s
 and exactly the same number of output tokens (eos banned before, forced at ``--out-len``), and
 run interleaved: medians over ``--repeats`` timed runs after a warm-up. Ours and HF share this
 process; each CTranslate2 engine runs in a child process that this one drives in turn (its
-bundled OpenMP and oneDNN, run beside torch, changed our engines' speed). Printed:
-training tokens/s (source + target, forward + backward + AdamW step) and decoding output
-tokens/s (greedy and beam), each with its ratio to HF. Peers come with ``pip install -e .[bench]``
-(transformers, ctranslate2); an engine whose package is missing is skipped.
+bundled OpenMP and oneDNN, run beside torch, changed our engines' speed). Printed: training
+tokens/s (source + target, forward + backward + a fused AdamW step, what HF's Trainer and ours
+run) and decoding output tokens/s (greedy and beam), each with its ratio to HF. Peers come with
+``pip install -e .[bench]`` (transformers, ctranslate2); an engine whose package is missing is
+skipped.
 
 Our SwiGLU feed-forward has three matrices, HF's ReLU/SiLU two: ``--ffn-dim`` is HF's width and
 ours is 2/3 of it (rounded up to 8), so the parameters and FLOPs match.
@@ -127,7 +128,7 @@ def make_batch(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def train_step_fn(name: str, model, args) -> Callable[[], None]:
     src, tgt_in, tgt_out = (t.to(args.device) for t in make_batch(args))
     model.to(args.device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as both trainers
     if args.compile == "all" or (args.compile == "ours" and name != "hf"):
         model = torch.compile(model)
     autocast = (torch.autocast(args.device, dtype=getattr(torch, args.dtype))

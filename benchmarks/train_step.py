@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 
 from seq2seq_diff import norm_dropout  # noqa: E402
-from seq2seq_diff.lit_module import TranslationModule  # noqa: E402
+from seq2seq_diff.lit_module import TranslationModule, adamw  # noqa: E402
 from seq2seq_diff.model import ModelConfig  # noqa: E402
 
 PAD = 0
@@ -64,7 +64,8 @@ def torch_ops() -> None:
 
 
 def step_fn(module: TranslationModule, batch, plain: bool, bf16: bool) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    optimizer = (torch.optim.AdamW(module.parameters(), lr=1e-4) if plain
+                 else adamw(module.parameters(), lr=1e-4))  # cli.py train's: fused
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if bf16
                 else contextlib.nullcontext())
     ntokens = int((batch["tgt_out"] != PAD).sum())

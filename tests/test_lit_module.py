@@ -74,6 +74,25 @@ def test_weight_decay_only_on_weight_matrices():
     assert all(n.endswith("proj.weight") or ".ffn.w" in n for n in decayed)
 
 
+def test_optimizer_is_fused_adamw_and_steps_as_the_default_one():
+    """configure_optimizers: AdamW's fused kernel on the CPU, the same update as the default."""
+    module = TranslationModule(tiny_config(300), warmup_steps=1, lr=0.01)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    reference = TranslationModule(tiny_config(300), warmup_steps=1, lr=0.01)
+    reference.load_state_dict(module.state_dict())
+    plain = torch.optim.AdamW(parameter_groups(reference.model, 0.01), lr=0.01, betas=(0.9, 0.98))
+    before = module.model.embed.weight.detach().clone()
+    for _ in range(3):
+        for m, opt in ((module, optimizer), (reference, plain)):
+            m._loss(_batch())[0].backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(module.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.allclose(module.model.embed.weight, before, atol=1e-3)  # it did step
+
+
 def test_bad_hyperparameters_raise_config_errors():
     with pytest.raises(ConfigError, match="warmup_steps"):
         TranslationModule(tiny_config(300), warmup_steps=0)
