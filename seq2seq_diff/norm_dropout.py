@@ -49,15 +49,16 @@ def _keep_mask_like(x: Tensor, p: float) -> Tensor:
     """``keep_mask`` of ``x``'s shape, as an op a compiled graph calls (never traces into).
 
     ``x`` is an input, not just its shape, so that the graph's common-subexpression pass,
-    which knows only torch's own random ops, cannot merge the masks of two dropouts; and the
-    partitioner never recomputes a custom op for the backward, so the mask is saved.
+    which knows only torch's own random ops, cannot merge the masks of dropouts of different
+    tensors; and the partitioner never recomputes a custom op for the backward, so the mask is
+    saved.
     """
     return keep_mask(x.shape, p, x.device)
 
 
 @_keep_mask_like.register_fake
 def _(x: Tensor, p: float) -> Tensor:
-    return torch.empty_like(x, dtype=torch.bool)
+    return x.new_empty(x.shape, dtype=torch.bool)  # contiguous, as keep_mask's
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
