@@ -32,6 +32,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from sacrebleu.metrics import BLEU, CHRF
 from torch import Tensor, nn
 
@@ -54,15 +56,17 @@ def inverse_sqrt_factor(step: int, warmup_steps: int) -> float:
     return min(step / warmup_steps, math.sqrt(warmup_steps / step))
 
 
-def adamw(params: Any, **options: Any) -> torch.optim.AdamW:
+def adamw(params: Any, fused: bool = True, **options: Any) -> torch.optim.AdamW:
     """``torch.optim.AdamW`` with its fused kernel wherever the parameters' device has one (CPUs
     and GPUs; HF's Trainer default since torch 2.8): one pass over each tensor instead of a
     dozen ops per parameter, 8 ms against 26 ms a step for the small-enro model on 2 CPU cores
-    (BENCHMARKS.md). Elsewhere the default implementation."""
-    try:
-        return torch.optim.AdamW(params, fused=True, **options)
-    except RuntimeError:  # no fused kernel for these parameters' device or dtype
-        return torch.optim.AdamW(params, **options)
+    (BENCHMARKS.md). Elsewhere, or with ``fused=False``, the default implementation."""
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **options)
+        except RuntimeError:  # no fused kernel for these parameters' device or dtype
+            pass
+    return torch.optim.AdamW(params, **options)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -280,14 +284,33 @@ class TranslationModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._reset_throughput()
 
+    def _grad_scaler(self) -> Any:
+        """The trainer's gradient scaler (16-mixed), or None (32-true, bf16-mixed, no trainer)."""
+        trainer = self._trainer
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer else None
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
+        # With a gradient scaler a fused AdamW unscales inside its step, after clipping would
+        # have seen scaled gradients (Lightning refuses the pair): the default AdamW then.
         optimizer = adamw(parameter_groups(self.model, hp.weight_decay), lr=hp.lr,
-                          betas=tuple(hp.betas))
+                          betas=tuple(hp.betas), fused=self._grad_scaler() is None)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, partial(inverse_sqrt_factor, warmup_steps=hp.warmup_steps))
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step", "frequency": 1}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, which under bf16-mixed refuses a fused optimizer: its check is
+        for fp16's gradient scaler, and bf16-mixed scales nothing, so clip directly then."""
+        if (gradient_clip_val and isinstance(self.trainer.precision_plugin, MixedPrecision)
+                and self._grad_scaler() is None):
+            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- validation ---------------------------------------------------------------------------
 

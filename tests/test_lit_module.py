@@ -141,6 +141,27 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data"))
 
 
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adamw_trains_with_gradient_clipping(tmp_path, data, precision):
+    """Lightning refuses clipping beside a fused optimizer under its AMP plugin (a check made
+    for fp16's gradient scaler): bf16-mixed, which scales nothing, clips anyway, by norm."""
+    module = TranslationModule(tiny_config(data.vocab_size), warmup_steps=1, lr=0.01)
+    norms = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording(parameters, max_norm, *args, **kwargs):
+        norms.append(max_norm)
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=0, precision=precision,
+                           gradient_clip_val=0.5)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.utils, "clip_grad_norm_", recording)
+        trainer.fit(module, datamodule=data)
+    assert trainer.optimizers[0].defaults["fused"] and trainer.global_step == 2
+    assert norms == [0.5, 0.5]
+
+
 def test_validation_logs_bleu_chrf_and_signature(tmp_path, data, caplog):
     module = TranslationModule(tiny_config(data.vocab_size), warmup_steps=2, valid_bleu_size=12)
     trainer = make_trainer(tmp_path, max_steps=3, val_check_interval=3,
