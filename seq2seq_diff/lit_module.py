@@ -141,7 +141,7 @@ class TranslationModule(L.LightningModule):
         compile: run the encoder and decoder of the training and validation loss through
             ``torch.compile`` (eager with one warning if compiling fails). On an H100 the
             small-enro preset then trains at 1.46x the tokens/s, on 2 CPU cores (bf16 on AMX)
-            at 1.7x, after about 6 minutes of compiling (the first steps, the first change of
+            at 1.4-1.7x, after 2-6 minutes of compiling (the first steps, the first change of
             batch shape, the first batch of long sentences, the first validation): worth it
             for runs of more than 15-20 minutes (BENCHMARKS.md). The same seed draws the same
             dropout masks as eager. Decoding and exported models are unaffected.
