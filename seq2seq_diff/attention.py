@@ -91,13 +91,17 @@ class KVCache:
     """Keys and values of one attention for incremental decoding.
 
     ``k`` is (B, 2H, L, D); ``v`` is (B, H, L, 2D) for differential and (B, 2H, L, D) for standard
-    attention. Self-attention appends one step at a time; cross-attention (``static``) computes its
-    keys and values once per source and reuses them.
+    attention. Self-attention appends positions; cross-attention (``static``) computes its keys
+    and values once per source and reuses them.
 
-    A self-attention cache defers ``reorder`` to its next ``append``, which writes the reordered
-    rows and the new positions into one new tensor: one copy of the cache a step instead of two
-    (an ``index_select`` and a ``cat``), which beam search pays every step. Reading ``k``/``v``
-    in between applies a pending reorder first, so readers never see stale rows.
+    A self-attention cache keeps its positions in buffers with room for more (``capacity``,
+    doubled when full), and an append writes the new positions in place: no copy of the cached
+    ones, which a ``torch.cat`` a step made (O(L) a step, O(L²) a sentence; BENCHMARKS.md,
+    thirteenth session). It defers ``reorder`` to its next ``append``, which writes the reordered
+    rows into a buffer of the same capacity and then the new positions: one copy of the cache a
+    step, which beam search pays every step. Reading ``k``/``v`` in between applies a pending
+    reorder first, so readers never see stale rows. Under autograd, and in compiled steps that
+    reorder (beam search), appends make a new tensor instead (``_take_and_append``).
 
     A cross-attention cache can serve ``group`` consecutive query rows per row of keys
     (``share``): beam search's K beams of one source read its keys once, not K copies of them.
@@ -105,20 +109,28 @@ class KVCache:
 
     def __init__(self, static: bool = False):
         self.static = static
+        # static: the keys and values; self-attention: buffers whose first ``_length``
+        # positions are cached
         self._k: Tensor | None = None
         self._v: Tensor | None = None
+        self._length = 0
         self._pending: Tensor | None = None  # rows to take, deferred until the next append
         self.group = 1  # static: query rows per row of keys and values
 
     @property
     def k(self) -> Tensor | None:
         self._apply_pending()
-        return self._k
+        return self._k if self.static or self._k is None else self._k[:, :, : self._length]
 
     @property
     def v(self) -> Tensor | None:
         self._apply_pending()
-        return self._v
+        return self._v if self.static or self._v is None else self._v[:, :, : self._length]
+
+    @property
+    def capacity(self) -> int:
+        """Positions the buffers hold before the next append must grow them."""
+        return 0 if self._k is None else self._k.shape[2]
 
     def set(self, k: Tensor, v: Tensor) -> None:
         """Replace the contents (cross-attention: the source's keys and values)."""
@@ -132,22 +144,41 @@ class KVCache:
         self.group *= group
 
     def __len__(self) -> int:
-        return 0 if self._k is None else self._k.shape[2]
+        if self.static:
+            return 0 if self._k is None else self._k.shape[2]
+        return self._length
 
     def index_rows(self, rows: Tensor | None = None) -> Tensor | None:
         """Self-attention: the next ``append`` takes its rows by index even when nothing was
-        reordered, so a compiled step sees one cache state, not two (``seq2seq_diff.compiled``).
+        reordered, so a compiled beam step sees one cache state, not two
+        (``seq2seq_diff.compiled``).
 
         ``rows`` replaces the pending reorder (the caller knows them equal); by default the
         pending one is kept, or every row in order is taken. Returns the index (None: empty).
+        Buffers with room to grow are cut to their positions first (a copy; compiled steps that
+        reorder leave them so), or the graph would specialise on which of the two it reads.
         """
         if self.static or self._k is None:
             return None
+        if self.capacity != self._length:
+            self._apply_pending()
+            self._k = _take(self._k, None, self._length, self._length)
+            self._v = _take(self._v, None, self._length, self._length)
         if rows is not None:
             self._pending = rows
         elif self._pending is None:
             self._pending = torch.arange(self._k.shape[0], device=self._k.device)
         return self._pending
+
+    def reserve(self, positions: int) -> None:
+        """Self-attention: apply a pending reorder, and make room for ``positions`` more
+        without growing the buffers (a compiled greedy step then only writes in place)."""
+        self._apply_pending(positions)
+        needed = self._length + positions
+        if self._k is not None and needed > self.capacity:
+            capacity = max(needed, 2 * self.capacity)
+            self._k = _take(self._k, None, self._length, capacity)
+            self._v = _take(self._v, None, self._length, capacity)
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in that order: beam reordering or dropping rows."""
@@ -169,19 +200,38 @@ class KVCache:
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append T new positions (B', ., T, .) after the (reordered) cached ones; all of them."""
-        if self._k is None:  # own storage in the standard layout, as every later append's
-            self._k, self._v = _fresh(k), _fresh(v)
-        else:
-            self._k = _take_and_append(self._k, self._pending, k)
-            self._v = _take_and_append(self._v, self._pending, v)
+        length, new = self._length, k.shape[2]
+        if self._k is None:
+            self._k, self._v = _take_and_append(None, None, k), _take_and_append(None, None, v)
+        elif _functional(k, self._k, self._pending):
+            self._k = _take_and_append(self._k[:, :, :length], self._pending, k)
+            self._v = _take_and_append(self._v[:, :, :length], self._pending, v)
             self._pending = None
-        return self._k, self._v
+        else:
+            self.reserve(new)
+            self._k[:, :, length : length + new] = k
+            self._v[:, :, length : length + new] = v
+        self._length = length + new
+        return self._k[:, :, : self._length], self._v[:, :, : self._length]
 
-    def _apply_pending(self) -> None:
-        if self._pending is not None:
+    def _apply_pending(self, room: int = 0) -> None:
+        """Take the pending rows now, into buffers with ``room`` more positions at least."""
+        if self._pending is None:
+            return
+        if self.static:  # never deferred, kept for safety
             self._k = self._k.index_select(0, self._pending)
             self._v = self._v.index_select(0, self._pending)
-            self._pending = None
+        else:
+            # A reorder that keeps the number of rows (beam search's, every step) copies into
+            # tight buffers: the next step reorders again, and unused room in each row costs
+            # allocation and page faults (beam 5 on 150 sentences ran 0.75-0.96x with it). One
+            # that drops rows (finished sentences) keeps the room: greedy search appends next.
+            capacity = self._length + room
+            if self._pending.shape[0] < self._k.shape[0]:
+                capacity = max(capacity, self.capacity)
+            self._k = _take(self._k, self._pending, self._length, capacity)
+            self._v = _take(self._v, self._pending, self._length, capacity)
+        self._pending = None
 
 
 def _fresh(x: Tensor) -> Tensor:
@@ -189,6 +239,34 @@ def _fresh(x: Tensor) -> Tensor:
     of size 1): cached tensors then always look alike to a compiled step, which would otherwise
     recompile for a view's storage offset or strides (``seq2seq_diff.compiled``)."""
     return x.clone(memory_format=torch.contiguous_format)
+
+
+# Positions a self-attention buffer holds at first: a translation's first steps then never grow it.
+_FIRST_CAPACITY = 16
+
+
+def _functional(new: Tensor, cached: Tensor, rows: Tensor | None) -> bool:
+    """Whether an append makes a new tensor rather than writing into the buffers: under
+    autograd (in-place writes would break the saved tensors of earlier steps), and in compiled
+    steps that reorder (inductor fuses the gather and the concatenation into one kernel)."""
+    if torch.compiler.is_compiling():
+        return rows is not None
+    return torch.is_grad_enabled() and (cached.requires_grad or new.requires_grad)
+
+
+def _take(buffer: Tensor, rows: Tensor | None, length: int, capacity: int) -> Tensor:
+    """A new buffer of ``capacity`` positions whose first ``length`` are ``buffer``'s, rows
+    ``rows`` of them (None: all) in that order."""
+    taken = buffer[:, :, :length]
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and buffer.requires_grad):
+        return taken if rows is None else taken.index_select(0, rows)  # no out= under either
+    out = buffer.new_empty(buffer.shape[0] if rows is None else rows.shape[0], buffer.shape[1],
+                           capacity, buffer.shape[3])
+    if rows is None:
+        out[:, :, :length] = taken
+    else:
+        torch.index_select(taken, 0, rows, out=out[:, :, :length])
+    return out
 
 
 def _whole_groups(index: Tensor, group: int) -> Tensor | None:
@@ -203,18 +281,24 @@ def _whole_groups(index: Tensor, group: int) -> Tensor | None:
     return first.squeeze(1) // group
 
 
-def _take_and_append(cached: Tensor, rows: Tensor | None, new: Tensor) -> Tensor:
-    """``cat([cached[rows], new], dim=2)`` written once into a new tensor (rows None: all)."""
-    if rows is None:
-        return torch.cat([cached, new], dim=2)
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled()
-                                         and (cached.requires_grad or new.requires_grad)):
+def _take_and_append(cached: Tensor | None, rows: Tensor | None, new: Tensor) -> Tensor:
+    """``cat([cached[rows], new], dim=2)`` (rows None: all; cached None: nothing) written once
+    into a new tensor, with room to grow unless under autograd or compiled."""
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+            new.requires_grad or (cached is not None and cached.requires_grad))):
         # out= has no autograd, and Dynamo takes no strided out=; inductor fuses the two ops
-        return torch.cat([cached.index_select(0, rows), new], dim=2)
-    length = cached.shape[2]
-    out = new.new_empty(new.shape[0], new.shape[1], length + new.shape[2], new.shape[3])
-    torch.index_select(cached, 0, rows, out=out[:, :, :length])
-    out[:, :, length:] = new
+        if cached is None:
+            return _fresh(new)
+        return torch.cat([cached if rows is None else cached.index_select(0, rows), new], dim=2)
+    length = 0 if cached is None else cached.shape[2]
+    total = length + new.shape[2]
+    out = new.new_empty(new.shape[0], new.shape[1], max(total, _FIRST_CAPACITY), new.shape[3])
+    if cached is not None:
+        if rows is None:
+            out[:, :, :length] = cached
+        else:
+            torch.index_select(cached, 0, rows, out=out[:, :, :length])
+    out[:, :, length:total] = new
     return out
 
 

@@ -12,9 +12,12 @@ whose ``decode`` runs
 * every one-position step in which every size is at least 2 (rows, sources, source positions,
   cached positions) through ``torch.compile(dynamic=True, fullgraph=True)``, with duck sizing
   off, so one graph serves every number of rows, source length and step: Dynamo would
-  specialise a size of 1 and recompile later. Before each such step every self-attention
-  cache takes its rows by one shared index (``DecoderCache.index_rows``), so steps before and
-  after a finished sentence leaves see the same cache state;
+  specialise a size of 1 and recompile later. Before a greedy step (one row per source) the
+  self-attention caches apply any reorder and make room for the new position
+  (``DecoderCache.reserve``): the graph writes it in place. Before a beam step every cache
+  takes its rows by one shared index (``DecoderCache.index_rows``): the graph gathers them and
+  appends in one kernel. Either way steps before and after a finished sentence leaves see the
+  same cache state;
 * the rest eagerly: each batch's first two steps (an empty cache, then one cached position),
   its last sentence alone, a source of one token.
 
@@ -145,14 +148,20 @@ class CompiledDecode:
                  cache: DecoderCache | None = None) -> Tensor:
         if self.failed is not None or not _compilable_step(tgt_in, cache):
             return self.eager(tgt_in, memory, src_mask, cache)
-        cache.index_rows()
+        greedy = cache.cross_attn[0].group == 1  # one row per source, as greedy search has
+        if greedy:  # reorders applied now: the step appends in place, into room made now,
+            # one position more than it needs: a buffer that the step fills up would be a
+            # contiguous view, which the graph specialises for (a second graph)
+            cache.reserve(2)
+        else:  # beam steps reorder every step: the gather and the append fuse in the graph
+            cache.index_rows()
         # The searches' step tokens are a column view of their token history, whose stride and
         # offset change every step; the mask may be a normal tensor or an inference one.
         tgt_in = tgt_in.clone(memory_format=torch.contiguous_format)
         if not src_mask.is_inference():
             src_mask = src_mask.clone()
         settings, step = self.settings, self.compiled
-        if self.frozen and (self.frozen_beams or cache.cross_attn[0].group == 1):
+        if self.frozen and (self.frozen_beams or greedy):
             settings, step = self.settings_frozen, self.compiled_frozen
         try:
             return _call_with(settings, step, tgt_in, memory, src_mask, cache)

@@ -147,6 +147,12 @@ class DecoderCache:
         for cache in self.self_attn[1:]:
             cache.index_rows(rows)
 
+    def reserve(self, positions: int) -> None:
+        """Every self-attention cache applies its pending reorder and makes room for
+        ``positions`` more (``KVCache.reserve``): a compiled greedy step then writes in place."""
+        for cache in self.self_attn:
+            cache.reserve(positions)
+
     def share_cross(self, group: int) -> None:
         """Let each row of cross-attention keys serve ``group`` consecutive rows, without a copy
         (beam search: a source's K beams; ``KVCache.share``)."""

@@ -179,6 +179,44 @@ def test_deferred_reorder_is_applied_once_at_the_next_append_or_read():
     assert torch.equal(got_k[:, :, :3], k[first])  # and not applied twice
 
 
+def test_self_cache_appends_in_place_and_grows_by_doubling():
+    """Appends without a reorder write into the buffers' room (no copy of the cached
+    positions), a full buffer grows to twice its size, and views returned earlier keep their
+    values."""
+    steps = [(torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5)) for _ in range(40)]
+    cache = KVCache()
+    returned = []
+    for i, (k, v) in enumerate(steps):
+        before = cache.capacity and cache._k.data_ptr()
+        got_k, got_v = cache.append(k, v)
+        returned.append(got_k)
+        assert len(cache) == i + 1 and got_k.shape[2] == i + 1
+        assert torch.equal(got_k, torch.cat([s[0] for s in steps[: i + 1]], 2))
+        assert torch.equal(got_v, torch.cat([s[1] for s in steps[: i + 1]], 2))
+        if 0 < i < 16:  # the first buffer holds 16 positions: same storage
+            assert cache._k.data_ptr() == before and cache.capacity == 16
+    assert cache.capacity == 64  # full at 16: grown to 32, then to 64
+    for i, k in enumerate(returned):
+        assert torch.equal(k, torch.cat([s[0] for s in steps[: i + 1]], 2))
+
+
+def test_self_cache_room_after_a_reorder():
+    """A reorder that drops rows (finished sentences) keeps the buffers' room; one that keeps
+    the number of rows (beam search, every step) copies into tight buffers. The contents are
+    the rows taken either way."""
+    k, v = torch.randn(4, 2, 3, 5), torch.randn(4, 2, 3, 5)
+    cache = KVCache()
+    cache.append(k, v)
+    assert cache.capacity == 16
+    cache.reorder(torch.tensor([2, 0]))
+    got_k, _ = cache.append(torch.ones(2, 2, 1, 5), torch.ones(2, 2, 1, 5))
+    assert cache.capacity == 16 and torch.equal(got_k[:, :, :3], k[[2, 0]])
+    cache.reorder(torch.tensor([1, 1]))
+    got_k, _ = cache.append(torch.zeros(2, 2, 1, 5), torch.zeros(2, 2, 1, 5))
+    assert cache.capacity == 5 and torch.equal(got_k[:, :, :3], k[[0, 0]])
+    assert got_k[:, :, 3].eq(1).all() and got_k[:, :, 4].eq(0).all()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cross_attention_cache_computes_keys_once(kind):
     attn = make(kind)
