@@ -259,7 +259,11 @@ def _take(buffer: Tensor, rows: Tensor | None, length: int, capacity: int) -> Te
     ``rows`` of them (None: all) in that order."""
     taken = buffer[:, :, :length]
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and buffer.requires_grad):
-        return taken if rows is None else taken.index_select(0, rows)  # no out= under either
+        taken = taken if rows is None else taken.index_select(0, rows)  # no out= under either
+        if capacity == length:
+            return taken
+        room = taken.new_empty(taken.shape[0], taken.shape[1], capacity - length, taken.shape[3])
+        return torch.cat([taken, room], dim=2)
     out = buffer.new_empty(buffer.shape[0] if rows is None else rows.shape[0], buffer.shape[1],
                            capacity, buffer.shape[3])
     if rows is None:
