@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from layout import race_searches, summary  # noqa: E402
+from layout import race_searches, report  # noqa: E402
 from peers import add_size_arguments, ours  # noqa: E402
 
 from seq2seq_diff.compiled import CompiledDecode, compile_decoding  # noqa: E402
@@ -67,10 +67,8 @@ def main() -> None:
             for beam in args.beams:
                 same, times = race_searches(models, args, beam, precision)
                 label = "greedy" if beam == 1 else f"beam {beam}"
-                print(f"  {precision}, {kind}, {label} (same tokens: {same})", flush=True)
-                for name, spent in times.items():
-                    print(f"    {name:<14}" + summary(spent, times["graph inputs"], 1e3, ""),
-                          flush=True)
+                report(f"  {precision}, {kind}, {label} (same tokens: {same})", times,
+                       "graph inputs", 14)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from layout import interleaved, summary  # noqa: E402
+from layout import race, report  # noqa: E402
 from peers import add_size_arguments, decode_fn, ours  # noqa: E402
 
 import seq2seq_diff.attention as attention  # noqa: E402
@@ -83,15 +83,9 @@ def main() -> None:
         def copying(run=run) -> list:
             with copy_each_step():
                 return run()
-        fns = {"copy each step": copying, "in place": run}
-        outputs = {name: fn() for name, fn in fns.items()}  # compiling, when compiled
-        interleaved(fns, 1)
-        times = interleaved(fns, args.repeats)
-        same = len({str(out) for out in outputs.values()}) == 1
-        print(f"  {'greedy' if beam == 1 else f'beam {beam}'} (same tokens: {same})", flush=True)
-        for name, spent in times.items():
-            print(f"    {name:<16}" + summary(spent, times["copy each step"], 1e3, ""),
-                  flush=True)
+        same, times = race({"copy each step": copying, "in place": run}, args.repeats)
+        label = "greedy" if beam == 1 else f"beam {beam}"
+        report(f"  {label} (same tokens: {same})", times, "copy each step", 16)
 
 
 if __name__ == "__main__":

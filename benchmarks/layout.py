@@ -50,15 +50,27 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return times
 
 
-def race_searches(models: dict[str, torch.nn.Module], args, beam: int,
-                  precision: str = "none") -> tuple[bool, dict[str, list[float]]]:
-    """Each model's search of the peers batch (``peers.decode_fn``), two untimed rounds
-    (compiling) then ``args.repeats`` interleaved: (all gave the same tokens, seconds per search
-    of each)."""
-    fns = {name: decode_fn("ours", model, args, beam, precision) for name, model in models.items()}
+def race(fns: dict[str, Callable[[], object]],
+         repeats: int) -> tuple[bool, dict[str, list[float]]]:
+    """Two untimed rounds of each search (compiling), then ``repeats`` interleaved: (all gave
+    the same tokens, seconds per search of each)."""
     outputs = {name: fn() for name, fn in fns.items()}
     interleaved(fns, 1)
-    return len({str(out) for out in outputs.values()}) == 1, interleaved(fns, args.repeats)
+    return len({str(out) for out in outputs.values()}) == 1, interleaved(fns, repeats)
+
+
+def race_searches(models: dict[str, torch.nn.Module], args, beam: int,
+                  precision: str = "none") -> tuple[bool, dict[str, list[float]]]:
+    """``race`` of each model's search of the peers batch (``peers.decode_fn``)."""
+    fns = {name: decode_fn("ours", model, args, beam, precision) for name, model in models.items()}
+    return race(fns, args.repeats)
+
+
+def report(heading: str, times: dict[str, list[float]], reference: str, width: int) -> None:
+    """``heading``, then each variant's milliseconds and its speed against ``reference``."""
+    print(heading, flush=True)
+    for name, spent in times.items():
+        print(f"    {name:<{width}}" + summary(spent, times[reference], 1e3, ""), flush=True)
 
 
 def summary(times: list[float], reference: list[float], unit: float, label: str) -> str:
@@ -107,9 +119,7 @@ def searches(args) -> None:
         for beam in args.beams:
             same, times = race_searches(variants, args, beam)
             label = "greedy" if beam == 1 else f"beam {beam}"
-            print(f"  {kind}, {label} (same tokens: {same})")
-            for name, spent in times.items():
-                print(f"    {name:<22}" + summary(spent, times["as trained"], 1e3, ""))
+            report(f"  {kind}, {label} (same tokens: {same})", times, "as trained", 22)
 
 
 def main() -> None:

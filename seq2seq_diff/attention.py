@@ -97,11 +97,12 @@ class KVCache:
     A self-attention cache keeps its positions in buffers with room for more (``capacity``,
     doubled when full), and an append writes the new positions in place: no copy of the cached
     ones, which a ``torch.cat`` a step made (O(L) a step, O(L²) a sentence; BENCHMARKS.md,
-    thirteenth session). It defers ``reorder`` to its next ``append``, which writes the reordered
-    rows into a buffer of the same capacity and then the new positions: one copy of the cache a
-    step, which beam search pays every step. Reading ``k``/``v`` in between applies a pending
-    reorder first, so readers never see stale rows. Under autograd, and in compiled steps that
-    reorder (beam search), appends make a new tensor instead (``_take_and_append``).
+    thirteenth session). It defers ``reorder`` to its next ``append``, which copies the
+    reordered rows into new buffers and then writes the new positions: one copy of the cache a
+    step, which beam search pays every step (into tight buffers; ``_apply_pending``). Reading
+    ``k``/``v`` in between applies a pending reorder first, so readers never see stale rows.
+    Under autograd, and in compiled steps that reorder (beam search), appends make a new tensor
+    instead (``_take_and_append``).
 
     A cross-attention cache can serve ``group`` consecutive query rows per row of keys
     (``share``): beam search's K beams of one source read its keys once, not K copies of them.
@@ -161,7 +162,8 @@ class KVCache:
         if self.static or self._k is None:
             return None
         if self.capacity != self._length:
-            self._apply_pending()
+            self._apply_pending()  # may leave them tight already
+        if self.capacity != self._length:
             self._k = _take(self._k, None, self._length, self._length)
             self._v = _take(self._v, None, self._length, self._length)
         if rows is not None:
@@ -224,7 +226,7 @@ class KVCache:
         else:
             # A reorder that keeps the number of rows (beam search's, every step) copies into
             # tight buffers: the next step reorders again, and unused room in each row costs
-            # allocation and page faults (beam 5 on 150 sentences ran 0.75-0.96x with it). One
+            # allocation and page faults (beam 5 on 150 sentences ran 0.74-0.96x with it). One
             # that drops rows (finished sentences) keeps the room: greedy search appends next.
             capacity = self._length + room
             if self._pending.shape[0] < self._k.shape[0]:
