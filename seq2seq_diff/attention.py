@@ -247,21 +247,29 @@ def _fresh(x: Tensor) -> Tensor:
 _FIRST_CAPACITY = 16
 
 
+def _tracked(*tensors: Tensor | None) -> bool:
+    """Whether writing into existing tensors (``out=``) is off limits: while compiling (Dynamo
+    takes no strided ``out=``) or while autograd records one of ``tensors`` (``out=`` has no
+    autograd, and in-place writes would break the tensors saved for earlier steps)."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors))
+
+
 def _functional(new: Tensor, cached: Tensor, rows: Tensor | None) -> bool:
     """Whether an append makes a new tensor rather than writing into the buffers: under
-    autograd (in-place writes would break the saved tensors of earlier steps), and in compiled
-    steps that reorder (inductor fuses the gather and the concatenation into one kernel)."""
+    autograd, and in compiled steps that reorder (inductor fuses the gather and the
+    concatenation into one kernel). Compiled steps without a reorder write in place."""
     if torch.compiler.is_compiling():
         return rows is not None
-    return torch.is_grad_enabled() and (cached.requires_grad or new.requires_grad)
+    return _tracked(new, cached)
 
 
 def _take(buffer: Tensor, rows: Tensor | None, length: int, capacity: int) -> Tensor:
     """A new buffer of ``capacity`` positions whose first ``length`` are ``buffer``'s, rows
     ``rows`` of them (None: all) in that order."""
     taken = buffer[:, :, :length]
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and buffer.requires_grad):
-        taken = taken if rows is None else taken.index_select(0, rows)  # no out= under either
+    if _tracked(buffer):
+        taken = taken if rows is None else taken.index_select(0, rows)
         if capacity == length:
             return taken
         room = taken.new_empty(taken.shape[0], taken.shape[1], capacity - length, taken.shape[3])
@@ -290,20 +298,15 @@ def _whole_groups(index: Tensor, group: int) -> Tensor | None:
 def _take_and_append(cached: Tensor | None, rows: Tensor | None, new: Tensor) -> Tensor:
     """``cat([cached[rows], new], dim=2)`` (rows None: all; cached None: nothing) written once
     into a new tensor, with room to grow unless under autograd or compiled."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
-            new.requires_grad or (cached is not None and cached.requires_grad))):
-        # out= has no autograd, and Dynamo takes no strided out=; inductor fuses the two ops
+    if _tracked(new, cached):  # inductor fuses the two ops
         if cached is None:
             return _fresh(new)
         return torch.cat([cached if rows is None else cached.index_select(0, rows), new], dim=2)
     length = 0 if cached is None else cached.shape[2]
     total = length + new.shape[2]
-    out = new.new_empty(new.shape[0], new.shape[1], max(total, _FIRST_CAPACITY), new.shape[3])
-    if cached is not None:
-        if rows is None:
-            out[:, :, :length] = cached
-        else:
-            torch.index_select(cached, 0, rows, out=out[:, :, :length])
+    capacity = max(total, _FIRST_CAPACITY)
+    out = (new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3]) if cached is None
+           else _take(cached, rows, length, capacity))
     out[:, :, length:total] = new
     return out
 
