@@ -24,7 +24,8 @@ input-major (``seq2seq_diff.packed``; "as trained" rows: the training model itse
 row-major, on torch's default GEMM); with int8 dynamic quantisation (``translate --int8``);
 on CPUs with AVX512-BF16/AMX in bf16 (``translate --bf16``; HF's ``model.to(bfloat16)`` beside
 it); and with compiled decoding steps in float32 and bf16 (``translate --compile``; compiled
-during the untimed warm-up round).
+during the untimed warm-up round) and with searches compiled ahead of time (``translate --aot``;
+built during the warm-up of a first run, loaded by later ones).
 """
 
 from __future__ import annotations
@@ -399,6 +400,10 @@ def main() -> None:
     parser.add_argument("--no-compiled", dest="compiled", action="store_false",
                         help="CPU float32: leave out our compiled decoders (translate --compile, "
                              "tens of seconds of compiling per model and search in the warm-up)")
+    parser.add_argument("--no-aot", dest="aot", action="store_false",
+                        help="CPU float32: leave out our ahead-of-time compiled decoders "
+                             "(translate --aot; built in the warm-up of a first run, a minute a "
+                             "graph, then loaded from $SEQ2SEQ_DIFF_AOT_CACHE)")
     parser.add_argument("--memory", action="store_true",
                         help="only peak RSS per engine (training, beam 5), fresh processes")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
@@ -469,6 +474,11 @@ def main() -> None:
                 if bf16:
                     decoders[f"ours {kind} bf16 compiled"] = inference_model(
                         model, "cpu", "bf16", compile=True)
+            if args.aot:  # translate --aot [--bf16]; built or loaded in the untimed warm-up
+                decoders[f"ours {kind} aot"] = inference_model(model, "cpu", aot=True)
+                if bf16:
+                    decoders[f"ours {kind} bf16 aot"] = inference_model(model, "cpu", "bf16",
+                                                                         aot=True)
         if bf16 and "hf" in models:
             decoders["hf bf16"] = copy.deepcopy(models["hf"]).to(torch.bfloat16)
     for beam in args.beams:

@@ -145,6 +145,12 @@ class KVCache:
         self.group *= group
 
     def __len__(self) -> int:
+        return self.length
+
+    @property
+    def length(self) -> int:
+        """Cached positions (``len``, but a symbolic size when traced by ``torch.export``,
+        where ``len`` must return a Python int)."""
         if self.static:
             return 0 if self._k is None else self._k.shape[2]
         return self._length
@@ -418,7 +424,7 @@ class _Attention(nn.Module):
         b, t, _ = x.shape
         if source is not None and rotary is not None:
             raise ValueError("rotary embedding applies to self-attention only")
-        offset = len(cache) if cache is not None and not cache.static else 0
+        offset = cache.length if cache is not None and not cache.static else 0
         projected = None
         if self.qkv_proj is not None and source is None and not (cache is not None
                                                                       and cache.static):
@@ -452,7 +458,7 @@ class _Attention(nn.Module):
                 k, v = k.float(), v.float()
             if cache is not None:
                 k, v = cache.append(k, v)  # (B, 2H, offset+T, D)
-        if causal and offset > 0:
+        if causal and (t == 1 or offset > 0):  # (t first: a traced offset stays unguarded)
             causal = False
             if t > 1:  # one new step sees everything cached; several need a bottom-right mask
                 step_mask = causal_mask(t, k.shape[2], x.device)

@@ -117,7 +117,12 @@ class DecoderCache:
 
     def __len__(self) -> int:
         """Number of target positions already decoded."""
-        return len(self.self_attn[0])
+        return self.length
+
+    @property
+    def length(self) -> int:
+        """``len``, symbolic when traced by ``torch.export`` (``KVCache.length``)."""
+        return self.self_attn[0].length
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in that order, in every layer."""
@@ -238,6 +243,11 @@ class Seq2SeqTransformer(nn.Module):
                 layer.cross_attn.fill_static_cache(cross, memory)
         return cache
 
+    def start_cache(self, src: Tensor, src_mask: Tensor) -> DecoderCache:
+        """Encode ``src`` (B, S) and return a decoding cache holding every cross-attention's
+        keys and values: what a search starts from (the memory is not needed again)."""
+        return self.new_cache(self.encode(src, src_mask))
+
     def decode(
         self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,
         cache: DecoderCache | None = None,
@@ -258,7 +268,7 @@ class Seq2SeqTransformer(nn.Module):
         """The decoder's final states (B, T, E), before the output projection (see ``decode``)."""
         if memory is None and (cache is None or cache.cross_attn[0].k is None):
             raise ValueError("memory is needed until the cache holds the cross-attention keys")
-        offset = 0 if cache is None else len(cache)
+        offset = 0 if cache is None else cache.length
         mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
         x = self._embed(tgt_in, offset)
         for i, layer in enumerate(self.decoder_layers):

@@ -68,7 +68,7 @@ def max_lengths(src_mask: Tensor, max_len_a: float, max_len_b: int) -> Tensor:
 
 def _next_logits(model: Seq2SeqTransformer, step: Tensor, src_mask: Tensor, cache) -> Tensor:
     """Next-token logits (rows, V) after ``step`` (rows, 1), at least float32; ``cache`` holds
-    the cross-attention keys and values (``model.new_cache(memory)``)."""
+    the cross-attention keys and values (``model.start_cache``)."""
     logits = model.decode(step, None, src_mask, cache=cache)[:, -1]  # (rows, V)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
@@ -123,7 +123,7 @@ def _decode_loop(
     lengths = torch.zeros(batch, dtype=torch.long, device=src.device)
     rows = torch.arange(batch, device=src.device)  # original sentence of each active row
     step = torch.full((batch, 1), config.bos_id, dtype=torch.long, device=src.device)
-    cache = model.new_cache(model.encode(src, src_mask))  # decode never needs the memory again
+    cache = model.start_cache(src, src_mask)
     t = 0
     while rows.numel():
         logits = _constrain(_next_logits(model, step, src_mask, cache), t, row_max_len,
@@ -369,7 +369,7 @@ def _beam_search(
     # are projected once and stay one row: its K beams share them (``share_cross``) and attend
     # to them in one product, and only dropping done sentences moves them.
     width = 1 if vocab >= num_candidates else k  # rows per sentence in this step
-    cache = model.new_cache(model.encode(src, src_mask))  # cross keys: B rows
+    cache = model.start_cache(src, src_mask)  # cross keys: B rows
     sents = torch.arange(batch, device=device)  # (n,) original sentence of each active one
     row_max_len = sent_max_len
     if width > 1:

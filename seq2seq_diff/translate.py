@@ -423,9 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
                                 "whose MKL is faster unpacked)")
     precision.add_argument("--no-pack", dest="pack", action="store_false",
                            help="float32 on a CPU: keep torch's default GEMM, unpacked")
-    parser.add_argument("--compile", action="store_true",
-                        help="compile the decoding step with torch.compile (float32 or --bf16): "
-                             "tens of seconds once, then faster decoding; for long inputs")
+    compiling = parser.add_mutually_exclusive_group()
+    compiling.add_argument("--compile", action="store_true",
+                           help="compile the decoding step with torch.compile (float32 or "
+                                "--bf16): tens of seconds in every run, then faster decoding; "
+                                "for long inputs")
+    compiling.add_argument("--aot", action="store_true",
+                           help="CPU, float32 or --bf16: decode with graphs compiled ahead of "
+                                "time, built once per model (a minute or two, kept in "
+                                "$SEQ2SEQ_DIFF_AOT_CACHE, default ~/.cache/seq2seq_diff/aot) "
+                                "and loaded in seconds by every later run; the fastest decoding")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
     return parser
 
@@ -442,7 +449,7 @@ def cli_main(argv: list[str]) -> int:
                    max_len_a=args.max_len_a, max_len_b=args.max_len_b, n_best=args.n_best,
                    lang=args.lang, context=args.context,  # None: the model's training setting
                    quantize="int8" if args.int8 else "bf16" if args.bf16 else "none",
-                   pack=args.pack, compile=args.compile)
+                   pack=args.pack, compile=args.compile, aot=args.aot)
     if args.bf16 and args.device.split(":")[0] == "cpu":
         from seq2seq_diff.quantize import cpu_bf16_native
 

@@ -153,7 +153,7 @@ def make_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 
 def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
                     quantize: str = "none", pack: bool | None = None,
-                    compile: bool = False) -> Seq2SeqTransformer:
+                    compile: bool = False, aot: bool = False) -> Seq2SeqTransformer:
     """The model ``Translator`` decodes with, in eval mode on ``device`` (``Translator``
     documents the arguments). Uncompiled float32 on a GPU moves ``model`` there and decodes it;
     every other setting decodes a copy and leaves the caller's model as it is.
@@ -163,15 +163,22 @@ def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
       ``pack=True`` (``packed.pack_linears``).
     * float32 or bf16 on a CPU otherwise: an inference copy (projections fused) with its linear
       weights stored input-major (``packed.store_input_major``).
-    * ``compile``: then its decoding steps compiled (``compiled.compile_decoding``).
+    * ``compile``: then its decoding steps compiled (``compiled.compile_decoding``);
+      ``aot``: its searches run graphs compiled ahead of time (``exported.aot_decoding``).
     """
     device = torch.device(device)
-    if compile and quantize == "int8":
-        raise ConfigError("compiled decoding takes float32 or bf16, not int8: drop "
-                          "--compile or --int8")
-    if pack and (compile or quantize != "none"):
+    flag = "--aot" if aot else "--compile"
+    if compile and aot:
+        raise ConfigError("--compile and --aot are two ways to compile decoding: choose one")
+    if (compile or aot) and quantize == "int8":
+        raise ConfigError(f"compiled decoding takes float32 or bf16, not int8: drop "
+                          f"{flag} or --int8")
+    if aot and device.type != "cpu":
+        raise ConfigError(f"--aot compiles decoding for the CPU, not {device}: drop it, or "
+                          "use --compile")
+    if pack and (compile or aot or quantize != "none"):
         raise ConfigError("oneDNN packing is for eager float32 decoding: drop --pack, or "
-                          f"drop {'--compile' if compile else '--' + quantize}")
+                          f"drop {flag if compile or aot else '--' + quantize}")
     if quantize == "int8" and device.type != "cpu":
         raise ConfigError(f"int8 quantisation runs on the CPU only, not on {device}")
     cpu = device.type == "cpu"
@@ -180,7 +187,7 @@ def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
 
         model = apply_quantization(model, quantize)  # ConfigError for an unknown mode
     elif (cpu and model.embed.weight.dtype == torch.float32 and pack is not False
-          and not compile and packing_available() and (pack or packing_pays())):
+          and not (compile or aot) and packing_available() and (pack or packing_pays())):
         return pack_linears(model).to(device).eval()
     elif cpu:
         model = model.inference_copy()
@@ -190,6 +197,10 @@ def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
         from seq2seq_diff.compiled import compile_decoding
 
         return compile_decoding(model, device)  # a copy, on the device
+    if aot:
+        from seq2seq_diff.exported import aot_decoding
+
+        return aot_decoding(model, quantize)  # a copy
     return model.to(device).eval()
 
 
@@ -228,6 +239,10 @@ class Translator:
         compile: Run the decoding steps through ``torch.compile`` (``seq2seq_diff.compiled``:
             float32 or bf16, not int8; torch's GEMM on input-major weights, unpacked): tens of
             seconds to compile once per search kind, then faster steps; for long inputs.
+        aot: Run the searches through graphs compiled ahead of time by AOTInductor
+            (``seq2seq_diff.exported``: float32 or bf16, CPU): built on first use, tens of
+            seconds a graph, and kept in a cache directory for every later run of the same
+            model; then faster than ``compile``, with no compile time per process.
     """
 
     def __init__(
@@ -247,6 +262,7 @@ class Translator:
         quantize: str = "none",
         pack: bool | None = None,
         compile: bool = False,
+        aot: bool = False,
     ):
         if beam_size < 1:
             raise ConfigError(f"beam_size must be >= 1, got {beam_size}")
@@ -264,7 +280,7 @@ class Translator:
                               "trained with")
         self.device = torch.device(device)
         self.quantize = quantize
-        self.model = inference_model(model, self.device, quantize, pack, compile)
+        self.model = inference_model(model, self.device, quantize, pack, compile, aot)
         self.tokenizer = tokenizer
         self.beam_size = beam_size
         self.length_penalty = length_penalty

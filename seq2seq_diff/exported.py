@@ -1,0 +1,392 @@
+"""Decoding through AOTInductor: graphs compiled once per model, saved, and loaded in seconds.
+
+``torch.compile`` (``seq2seq_diff.compiled``) traces and compiles in every process (about 50 s
+on 2 CPU cores) and every compiled step still pays Dynamo's guards and inductor's Python wrapper
+(0.35 of a 1.5 ms greedy step, BENCHMARKS.md, thirteenth session). Here ``torch.export`` and
+AOTInductor compile the same model code into a shared library, packaged (``.pt2``) under a key of
+the model's weights, config and precision, the torch version, the CPU's instruction set and the
+model code itself: the first use builds it (tens of seconds a graph), every later process loads
+it, and a call runs C++ with no guards. Like converting a model for CTranslate2, once.
+
+``aot_decoding(model)`` returns an inference copy whose searches run three kinds of graph:
+
+* ``start``: the encoder and every cross-attention's keys and values (``start_cache``);
+* ``step``: one position for rows with a source each (greedy search, sampling, beam search's
+  first step), every cached length from an empty cache on: the self-attention caches are
+  buffers with room (``DecoderCache.reserve``) which the graph writes in place. A graph's sizes
+  are its inputs' shapes, so the cached length comes in as the length of ``positions``;
+* ``beam K``: rows that share their source's cross-attention keys K at a time (beam search
+  after its first step); the graph takes every cache's rows by index and appends, in one kernel
+  (``DecoderCache.index_rows``), and returns the new caches. One graph per beam size.
+
+Each graph serves every size from 2 up (rows, sources, source tokens); the rest runs eagerly:
+a batch of one row, a source of one token, calls under autograd. float32 and bf16 (``--bf16``,
+autocast traced into the graph; its weights frozen into the graph, as ``compiled`` does for
+greedy steps) on the CPU. If building fails (no C++ compiler, an unsupported op), decoding warns
+once and goes on eagerly: the same results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import types
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from seq2seq_diff import __version__
+from seq2seq_diff.compiled import FROZEN
+from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
+from seq2seq_diff.quantize import precision_context
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "SEQ2SEQ_DIFF_AOT_CACHE"  # where packages are kept (default ~/.cache/seq2seq_diff/aot)
+
+# Largest sizes a graph takes (rows, source tokens, cached positions); beyond them, eagerly.
+MAX_ROWS, MAX_SOURCE, MAX_POSITIONS = 1 << 16, 1 << 13, 1 << 13
+
+# Modules whose code the graphs are made of: a change to any of them makes new packages.
+_SOURCES = ("model.py", "attention.py", "layers.py", "norm_dropout.py", "exported.py")
+
+
+def default_cache_dir() -> Path:
+    """``$SEQ2SEQ_DIFF_AOT_CACHE``, else ``$XDG_CACHE_HOME/seq2seq_diff/aot`` (~/.cache)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "seq2seq_diff" / "aot"
+
+
+def model_key(model: Seq2SeqTransformer, precision: str) -> str:
+    """A digest of everything a package's code depends on (module docstring)."""
+    digest = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in _SOURCES:
+        digest.update((here / name).read_bytes())
+    digest.update(json.dumps([__version__, torch.__version__, precision,
+                              torch.backends.cpu.get_cpu_capability(),
+                              model.config.to_dict()], default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:24]
+
+
+# ---------------------------------------------------------------------------------------------
+# The functions exported: plain tensors in, plain tensors out, the caches rebuilt inside
+
+
+def _self_caches(cache: DecoderCache, keys: list[Tensor], values: list[Tensor],
+                 length: int) -> None:
+    for kv, k, v in zip(cache.self_attn, keys, values, strict=True):
+        kv._k, kv._v, kv._length = k, v, length
+
+
+def _cross_caches(cache: DecoderCache, keys: list[Tensor], values: list[Tensor],
+                  group: int = 1) -> None:
+    for kv, k, v in zip(cache.cross_attn, keys, values, strict=True):
+        kv.set(k, v)
+        kv.group = group
+
+
+class _Start(nn.Module):
+    """(src, src_mask) -> every decoder layer's cross-attention keys, then values."""
+
+    def __init__(self, model: Seq2SeqTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor, src_mask: Tensor) -> list[Tensor]:
+        cache = Seq2SeqTransformer.start_cache(self.model, src, src_mask)
+        return [c.k for c in cache.cross_attn] + [c.v for c in cache.cross_attn]
+
+
+class _Step(nn.Module):
+    """One position for rows with a source each, written in place into buffers with room;
+    ``positions`` (L,): its length is the number of cached positions. -> logits (B, 1, V)."""
+
+    def __init__(self, model: Seq2SeqTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, src_mask: Tensor, positions: Tensor, self_k: list[Tensor],
+                self_v: list[Tensor], cross_k: list[Tensor], cross_v: list[Tensor]) -> Tensor:
+        # the buffers have room for the new position: no branch to grow them
+        torch._check(positions.shape[0] < self_k[0].shape[2])
+        cache = DecoderCache(len(self_k))
+        _self_caches(cache, self_k, self_v, positions.shape[0])
+        _cross_caches(cache, cross_k, cross_v)
+        return Seq2SeqTransformer.decode(self.model, tokens, None, src_mask, cache)
+
+
+class _BeamStep(nn.Module):
+    """One position for rows sharing their source ``group`` at a time: the caches' rows
+    ``rows`` are taken and the position appended into new tensors. -> logits, keys, values."""
+
+    def __init__(self, model: Seq2SeqTransformer, group: int):
+        super().__init__()
+        self.model, self.group = model, group
+
+    def forward(self, tokens: Tensor, src_mask: Tensor, rows: Tensor, self_k: list[Tensor],
+                self_v: list[Tensor], cross_k: list[Tensor], cross_v: list[Tensor]) -> list[Tensor]:
+        cache = DecoderCache(len(self_k))
+        _self_caches(cache, self_k, self_v, self_k[0].shape[2])
+        for kv in cache.self_attn:
+            kv._pending = rows
+        _cross_caches(cache, cross_k, cross_v, self.group)
+        logits = Seq2SeqTransformer.decode(self.model, tokens, None, src_mask, cache)
+        return [logits] + [c._k for c in cache.self_attn] + [c._v for c in cache.self_attn]
+
+
+def _examples(model: Seq2SeqTransformer, precision: str, group: int = 1):
+    """Inputs of each graph from an eager search's state on a dummy batch, with sizes all
+    distinct (equal sizes would be traced as one symbol): sources of 7 tokens, 5 positions
+    cached; 3 rows (start, step), or 3 sources of ``group`` beams each whose caches hold the
+    rows of 4 (beam: a finished sentence dropped)."""
+    device = model.embed.weight.device
+    config = model.config
+    sources = 3 if group == 1 else 4
+    src = torch.randint(4, config.vocab_size, (sources, 7), device=device)
+    src_mask = torch.ones_like(src, dtype=torch.bool)
+    tokens = torch.full((sources, 1), config.bos_id, device=device)
+    with torch.inference_mode(), precision_context(precision, device):
+        cache = Seq2SeqTransformer.start_cache(model, src, src_mask)
+        if group == 1:
+            for _ in range(5):
+                Seq2SeqTransformer.decode(model, tokens, None, src_mask, cache)
+            cache.reserve(4)
+            inputs = (tokens, src_mask, torch.zeros(len(cache), device=device))
+        else:
+            Seq2SeqTransformer.decode(model, tokens, None, src_mask, cache)
+            beams = torch.arange(sources, device=device).repeat_interleave(group)
+            cache.share_cross(group)
+            cache.reorder_self(beams)
+            src_mask, tokens = src_mask[beams], tokens[beams]
+            for _ in range(4):
+                cache.index_rows()
+                Seq2SeqTransformer.decode(model, tokens, None, src_mask, cache)
+            keep = torch.arange(3 * group, device=device)
+            cache.reorder(keep)
+            cache.index_rows()
+            inputs = (tokens[keep], src_mask[keep], cache.self_attn[0]._pending)
+        keys = [c._k for c in cache.self_attn]
+        values = [c._v for c in cache.self_attn]
+        cross_k = [c.k for c in cache.cross_attn]
+        cross_v = [c.v for c in cache.cross_attn]
+    # (copies made outside inference mode: export takes no inference tensors)
+    step = tuple(x.clone() for x in inputs) + tuple(
+        [x.clone() for x in xs] for xs in (keys, values, cross_k, cross_v))
+    return (src.clone(), src_mask[:3].clone()), step
+
+
+def source_cap(model: Seq2SeqTransformer, queries: int | None) -> int:
+    """Longest source a graph takes, with ``queries`` query rows per source in each attention
+    (None: the encoder's, as many as source tokens). Differential attention materialises its
+    maps up to ``max_explicit_scores`` query-key pairs and fuses beyond, a branch on the length
+    that a graph fixes (so does standard attention on the CPU); longer sources run eagerly."""
+    caps = [math.isqrt(m.max_explicit_scores) if queries is None
+            else m.max_explicit_scores // queries
+            for m in model.modules() if hasattr(m, "max_explicit_scores")]
+    return min([MAX_SOURCE, *caps])
+
+
+def _dynamic_shapes(kind: str, model: Seq2SeqTransformer, group: int = 1):
+    Dim = torch.export.Dim
+    layers = len(model.decoder_layers)
+    rows = Dim("rows", min=2, max=MAX_ROWS)
+    if kind == "start":
+        source = Dim("source", min=2, max=source_cap(model, None))
+        return ({0: rows, 1: source}, {0: rows, 1: source})
+    source = Dim("source", min=2, max=source_cap(model, group))
+    cross = [{0: rows, 2: source}] * layers
+    if kind == "step":
+        positions = Dim("positions", min=0, max=MAX_POSITIONS - 2)
+        buffer = [{0: rows, 2: Dim("capacity", min=3, max=MAX_POSITIONS)}] * layers
+        return ({0: rows}, {0: rows, 1: source}, {0: positions}, buffer, buffer, cross, cross)
+    sources = Dim("sources", min=2, max=MAX_ROWS // group)
+    beams = group * sources
+    cached = [{0: Dim("previous_rows", min=2, max=MAX_ROWS),
+               2: Dim("positions", min=2, max=MAX_POSITIONS)}] * layers
+    cross = [{0: sources, 2: source}] * layers
+    return ({0: beams}, {0: beams, 1: source}, {0: beams}, cached, cached, cross, cross)
+
+
+def build_package(model: Seq2SeqTransformer, kind: str, precision: str, path: Path,
+                  group: int = 1) -> None:
+    """Export graph ``kind`` ("start", "step" or "beam") of ``model`` and compile it into the
+    AOTInductor package ``path`` (written whole, then moved into place)."""
+    # Built from a clean state: a search calls this from under inference mode and autocast.
+    with torch.inference_mode(False), torch.autocast(model.embed.weight.device.type,
+                                                     enabled=False), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        _build(model, kind, precision, path, group)
+
+
+def _build(model: Seq2SeqTransformer, kind: str, precision: str, path: Path, group: int) -> None:
+    start_inputs, step_inputs = _examples(model, precision, group)
+    if kind == "start":
+        module, inputs = _Start(model), start_inputs
+    elif kind == "step":
+        module, inputs = _Step(model), step_inputs
+    else:
+        module, inputs = _BeamStep(model, group), step_inputs
+    device = model.embed.weight.device
+    shapes = _dynamic_shapes(kind, model, group)
+    with torch.no_grad(), precision_context(precision, device):
+        program = torch.export.export(module.eval(), inputs, dynamic_shapes=shapes)
+        # Autocast is applied while the graph is lowered to ATen ops, so lower it under it.
+        program = program.run_decompositions()
+    frozen = model.output_proj.weight.dtype == torch.bfloat16 and device.type == "cpu"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        part = Path(scratch) / path.name
+        torch._inductor.aoti_compile_and_package(
+            program, package_path=str(part), inductor_configs=FROZEN if frozen else {})
+        os.replace(part, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the graphs
+
+
+class ExportedDecoding:
+    """The graphs of one model, built or loaded on first use, and the calls that route each
+    search step to one (module docstring)."""
+
+    def __init__(self, model: Seq2SeqTransformer, precision: str, cache_dir: Path):
+        self.model, self.precision = model, precision
+        self.eager_start = types.MethodType(Seq2SeqTransformer.start_cache, model)
+        self.eager_decode = types.MethodType(Seq2SeqTransformer.decode, model)
+        self.directory = cache_dir / model_key(model, precision)
+        self.runners: dict[str, object] = {}
+        self.failed: str | None = None  # why building failed; then everything runs eagerly
+        self.positions = torch.empty(MAX_POSITIONS, device=model.embed.weight.device)
+        self.source_caps = {None: source_cap(model, None)}  # longest source, by graph
+
+    def runner(self, kind: str, group: int = 1):
+        """Graph ``kind`` (beam: for ``group`` beams), loaded or built; None once any failed."""
+        name = kind if kind != "beam" else f"beam{group}"
+        if name in self.runners or self.failed is not None:
+            return self.runners.get(name)
+        path = self.directory / f"{name}.pt2"
+        try:
+            if not path.exists():
+                began = time.perf_counter()
+                logger.info("compiling the %s graph ahead of time (once per model) into %s",
+                            name, path)
+                build_package(self.model, kind, self.precision, path, group)
+                logger.info("compiled the %s graph in %.0f s", name, time.perf_counter() - began)
+            with warnings.catch_warnings():  # torch's own pytree, deprecated inside torch
+                warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+                loaded = torch._inductor.aoti_load_package(str(path))
+        except Exception as error:  # noqa: BLE001 - any failure to build or load: eagerly
+            text = str(error).strip()
+            self.failed = text.splitlines()[0] if text else repr(error)
+            logger.warning("ahead-of-time compiling failed (%s); decoding eagerly", self.failed)
+            return None
+        self.runners[name] = loaded.loader.boxed_run
+        return self.runners[name]
+
+    def start_cache(self, src: Tensor, src_mask: Tensor) -> DecoderCache:
+        run = None
+        if _sizes_fit(src.shape[0], src.shape[1], self.source_caps[None]) \
+                and not torch.is_grad_enabled():
+            run = self.runner("start")
+        if run is None:
+            return self.eager_start(src, src_mask)
+        layers = len(self.model.decoder_layers)
+        out = run([src.contiguous(), src_mask.contiguous()])
+        cache = DecoderCache(layers)
+        _cross_caches(cache, out[:layers], out[layers:])
+        return cache
+
+    def decode(self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,
+               cache: DecoderCache | None = None) -> Tensor:
+        run = None
+        if _routable(tgt_in, cache):
+            group = cache.cross_attn[0].group
+            cap = self.source_caps.setdefault(group, source_cap(self.model, group))
+            if cache.cross_attn[0].k.shape[2] > cap:
+                return self.eager_decode(tgt_in, memory, src_mask, cache)
+            run = self.runner("step") if group == 1 else self.runner("beam", group)
+        if run is None:
+            return self.eager_decode(tgt_in, memory, src_mask, cache)
+        selfs, cross = cache.self_attn, cache.cross_attn
+        cross_k, cross_v = [c.k for c in cross], [c.v for c in cross]
+        tokens, src_mask = tgt_in.contiguous(), src_mask.contiguous()
+        if cross[0].group == 1:  # in place, into room made now
+            if selfs[0]._k is None:
+                _empty_buffers(selfs, cross[0], capacity=16)
+            else:
+                cache.reserve(2)  # two more: a full buffer would be a view of another layout
+            logits = run([tokens, src_mask, self.positions[: len(cache)],
+                          *[c._k for c in selfs], *[c._v for c in selfs], *cross_k, *cross_v])[0]
+            for c in selfs:
+                c._length += 1
+            return logits
+        rows = cache.self_attn[0].index_rows()
+        for c in selfs[1:]:
+            c.index_rows(rows)
+        out = run([tokens, src_mask, rows, *[c._k for c in selfs], *[c._v for c in selfs],
+                   *cross_k, *cross_v])
+        layers = len(selfs)
+        for c, k, v in zip(selfs, out[1:1 + layers], out[1 + layers:], strict=True):
+            c._k, c._v, c._length, c._pending = k, v, c._length + 1, None
+        return out[0]
+
+
+def _sizes_fit(rows: int, source: int, cap: int = MAX_SOURCE) -> bool:
+    return 2 <= rows <= MAX_ROWS and 2 <= source <= cap
+
+
+def _routable(tgt_in: Tensor, cache: DecoderCache | None) -> bool:
+    """Whether a step runs a graph: one new position, a cache holding the cross-attention keys,
+    no autograd, every size within the graphs' ranges (rows and source tokens at least 2)."""
+    if cache is None or torch.is_grad_enabled() or tgt_in.shape[1] != 1:
+        return False
+    cross = cache.cross_attn[0]
+    if cross.k is None or len(cache) > MAX_POSITIONS - 4:
+        return False
+    group = cross.group
+    if group > 1 and (len(cache) < 2 or cross.k.shape[0] < 2):
+        return False  # (the first beam step has one row per source: group 1)
+    return _sizes_fit(tgt_in.shape[0], cross.k.shape[2]) and cross.k.shape[0] >= 2
+
+
+def _empty_buffers(selfs, cross, capacity: int) -> None:
+    """Self-attention buffers with room and nothing cached, laid out as the cross-attention
+    keys and values are (an empty cache's first step then runs the step graph too)."""
+    k, v = cross.k, cross.v
+    for c in selfs:
+        c._k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+        c._v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
+        c._length = 0
+
+
+def aot_decoding(model: Seq2SeqTransformer, precision: str = "none",
+                 cache_dir: str | Path | None = None) -> Seq2SeqTransformer:
+    """An inference copy of ``model`` (float32 or bf16 weights, CPU) whose searches run
+    ahead-of-time compiled graphs, built on first use into ``cache_dir`` (default
+    ``default_cache_dir()``) and reused by every later process (module docstring).
+    ``precision``: "none" or "bf16", as the model was prepared (``apply_quantization``)."""
+    for module in model.modules():
+        if "quantized" in type(module).__module__ or hasattr(module, "packed"):
+            raise ValueError("aot_decoding takes a plain float32 or bf16 model, not an int8 "
+                             "or oneDNN-packed one")
+    model = model.inference_copy()
+    if model.embed.weight.device.type != "cpu":
+        raise ValueError("ahead-of-time compiled decoding runs on the CPU")
+    graphs = ExportedDecoding(model, precision,
+                              Path(cache_dir) if cache_dir is not None else default_cache_dir())
+    model.start_cache = graphs.start_cache
+    model.decode = graphs.decode
+    return model

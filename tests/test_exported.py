@@ -1,0 +1,170 @@
+"""Ahead-of-time compiled decoding (seq2seq_diff.exported): the same searches as eager.
+
+Building a graph takes 5-35 s for these tiny models on 2 CPU cores, so the equivalence tests
+share one model's graphs (start, step, beam 3), kept in a directory for the module.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from helpers import random_batch, random_model
+
+from seq2seq_diff import exported
+from seq2seq_diff.errors import ConfigError
+from seq2seq_diff.exported import ExportedDecoding, aot_decoding, model_key
+from seq2seq_diff.quantize import quantize_int8
+from seq2seq_diff.search import beam_search, greedy_search
+from seq2seq_diff.translator import Translator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Every shape a translation meets: mixed lengths (rows leave at different steps), one sentence
+# (eager: the graphs take 2 rows up), sources of one token (eager), a wider batch, and a
+# source longer than the start graph takes for these models (encoded eagerly).
+BATCHES = [dict(batch=6, seed=1), dict(batch=1, seed=2),
+           dict(batch=3, seed=3, min_len=0, max_len=1), dict(batch=11, seed=4, max_len=14),
+           dict(batch=3, seed=5, min_len=101, max_len=120)]
+
+
+def searches(model, src):
+    mask = src != 0
+    greedy = greedy_search(model, src, mask, max_len_a=1.0, max_len_b=4)
+    hyps = beam_search(model, src, mask, beam_size=3, n_best=3, max_len_a=1.0, max_len_b=4)
+    return greedy, [[h.tokens for h in s] for s in hyps], [h.score for s in hyps for h in s]
+
+
+class Counting:
+    """Counts the calls that each graph serves."""
+
+    def __init__(self, graphs: ExportedDecoding):
+        self.calls: dict[str, int] = {}
+        self.runner = graphs.runner
+
+    def __call__(self, kind: str, group: int = 1):
+        run = self.runner(kind, group)
+        name = kind if kind != "beam" else f"beam{group}"
+
+        def counted(inputs, run=run):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return run(inputs)
+
+        return None if run is None else counted
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(eager float32 random DIFF model, its AOT copy, the graphs' directory)."""
+    eager = random_model("diff").float()
+    directory = tmp_path_factory.mktemp("aot")
+    return eager, aot_decoding(eager, cache_dir=directory), directory
+
+
+def test_aot_searches_equal_eager(models):
+    eager, aot = models[:2]
+    graphs = aot.decode.__self__
+    counting = graphs.runner = Counting(graphs)
+    for shape in BATCHES:
+        src = random_batch(**shape)
+        with torch.inference_mode():
+            got, want = searches(aot, src), searches(eager, src)
+        assert got[:2] == want[:2]
+        assert got[2] == pytest.approx(want[2], abs=1e-4)
+    assert graphs.failed is None
+    assert set(counting.calls) == {"start", "step", "beam3"}
+    assert sorted(p.name for p in graphs.directory.iterdir()) == [
+        "beam3.pt2", "start.pt2", "step.pt2"]
+
+
+def test_step_logits_match_eager_from_an_empty_cache_on(models):
+    """Every step of a batch, the first (nothing cached) included, against eager decoding."""
+    eager, aot = models[:2]
+    src = random_batch(batch=5, seed=7)
+    mask = src != 0
+    tokens = torch.randint(4, 40, (5, 6), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        caches = [model.start_cache(src, mask) for model in (aot, eager)]
+        for t in range(tokens.shape[1]):
+            got, want = (model.decode(tokens[:, t:t + 1], None, mask, cache)
+                         for model, cache in zip((aot, eager), caches, strict=True))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(caches[0]) == len(caches[1]) == tokens.shape[1]
+
+
+def test_packages_are_reused_by_a_later_run_and_keyed_by_the_weights(models, monkeypatch):
+    eager, aot, directory = models
+    src = random_batch(batch=4, seed=5)
+    with torch.inference_mode():
+        want = searches(aot, src)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built again")
+
+    monkeypatch.setattr(exported, "build_package", no_build)
+    again = aot_decoding(eager, cache_dir=directory)  # as a new process would
+    with torch.inference_mode():
+        assert searches(again, src)[:2] == want[:2]
+    assert again.decode.__self__.failed is None
+    other = random_model("diff", seed=1).float().inference_copy()
+    assert model_key(other, "none") != model_key(aot, "none")
+    assert model_key(aot, "bf16") != model_key(aot, "none")
+
+
+def test_failed_build_warns_once_and_decodes_eagerly(tmp_path, monkeypatch, caplog):
+    eager = random_model("standard").float()
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no working C++ compiler")
+
+    monkeypatch.setattr(exported, "build_package", broken)
+    aot = aot_decoding(eager, cache_dir=tmp_path)
+    src = random_batch(batch=4, seed=5)
+    with caplog.at_level(logging.WARNING, logger="seq2seq_diff"):
+        got = searches(aot, src)
+    want = searches(eager, src)
+    assert got[:2] == want[:2] and len(calls) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "ahead-of-time compiling failed (no working C++ compiler); decoding eagerly"]
+
+
+def test_aot_takes_float_cpu_models_only():
+    with pytest.raises(ValueError, match="not an int8"):
+        aot_decoding(quantize_int8(random_model("diff").float()))
+
+
+def test_translate_cli_aot_gives_the_same_lines(model_dir, tmp_path, english, monkeypatch):
+    from seq2seq_diff.cli import main
+
+    monkeypatch.setenv(exported.CACHE_ENV, str(tmp_path / "aot"))
+    src = tmp_path / "in.en"
+    src.write_text("\n".join(english[:12]) + "\n\n", encoding="utf-8")
+    outputs = []
+    for flags in ([], ["--aot"]):
+        out = tmp_path / f"out{len(flags)}.ro"
+        assert main(["translate", "--model", str(model_dir), "--input", str(src), "--output",
+                     str(out), "--beam-size", "1", "--max-tokens", "64", "--quiet",
+                     *flags]) == 0
+        outputs.append(out.read_text(encoding="utf-8"))
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 13
+    assert sorted(p.name for p in (tmp_path / "aot").glob("*/*.pt2")) == ["start.pt2",
+                                                                         "step.pt2"]
+
+
+def test_aot_with_int8_pack_compile_or_a_gpu_is_one_clear_error(model, tokenizer, model_dir,
+                                                                 capsys):
+    from seq2seq_diff.cli import main
+
+    with pytest.raises(ConfigError, match="drop --aot or --int8"):
+        Translator(model, tokenizer, aot=True, quantize="int8")
+    with pytest.raises(ConfigError, match="not cuda"):
+        Translator(model, tokenizer, aot=True, device="cuda")
+    for flag, message in (("--int8", "drop --aot or --int8"),
+                          ("--pack", "drop --pack, or drop --aot"),
+                          ("--compile", "not allowed with argument")):
+        assert main(["translate", "--model", str(model_dir), "--aot", flag]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and message in err[-1]
