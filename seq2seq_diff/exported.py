@@ -19,11 +19,13 @@ it, and a call runs C++ with no guards. Like converting a model for CTranslate2,
   after its first step); the graph takes every cache's rows by index and appends, in one kernel
   (``DecoderCache.index_rows``), and returns the new caches. One graph per beam size.
 
-Each graph serves every size from 2 up (rows, sources, source tokens); the rest runs eagerly:
-a batch of one row, a source of one token, calls under autograd. float32 and bf16 (``--bf16``,
-autocast traced into the graph; its weights frozen into the graph, as ``compiled`` does for
-greedy steps) on the CPU. If building fails (no C++ compiler, an unsupported op), decoding warns
-once and goes on eagerly: the same results.
+Each graph serves every number of rows and sources and every source length from 2 tokens up
+to a cap (``source_cap``: 100 for the encoder, where attention changes kernel with the length);
+the rest runs eagerly: sources of one token or longer than the cap, calls under autograd.
+float32 and bf16 (``--bf16``, autocast traced into the graph; its weights frozen into the graph
+and inductor's own AMX GEMM kernels timed against oneDNN's, as ``compiled`` does for greedy
+steps) on the CPU. If building fails (no C++ compiler, an unsupported op), decoding warns once
+and goes on eagerly: the same results.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ CACHE_ENV = "SEQ2SEQ_DIFF_AOT_CACHE"  # where packages are kept (default ~/.cach
 MAX_ROWS, MAX_SOURCE, MAX_POSITIONS = 1 << 16, 1 << 13, 1 << 13
 
 # Modules whose code the graphs are made of: a change to any of them makes new packages.
-_SOURCES = ("model.py", "attention.py", "layers.py", "norm_dropout.py", "exported.py")
+_CODE_FILES = ("model.py", "attention.py", "layers.py", "norm_dropout.py", "exported.py")
 
 
 def default_cache_dir() -> Path:
@@ -70,7 +72,7 @@ def model_key(model: Seq2SeqTransformer, precision: str) -> str:
     """A digest of everything a package's code depends on (module docstring)."""
     digest = hashlib.sha256()
     here = Path(__file__).parent
-    for name in _SOURCES:
+    for name in _CODE_FILES:
         digest.update((here / name).read_bytes())
     digest.update(json.dumps([__version__, torch.__version__, precision,
                               torch.backends.cpu.get_cpu_capability(),
@@ -147,21 +149,28 @@ class _BeamStep(nn.Module):
         return [logits] + [c._k for c in cache.self_attn] + [c._v for c in cache.self_attn]
 
 
+# Sizes of the dummy batch each graph is traced on. Inductor times its GEMM kernels for these
+# sizes (bf16), so they are a batch's typical ones, not tiny; all distinct, or export would
+# trace two of them as one symbol: sources, source tokens, positions cached, then (beam) sources
+# left after one finished.
+_SOURCES, _SOURCE_TOKENS, _POSITIONS, _BEAM_SOURCES = 24, 29, 13, 8
+
+
 def _examples(model: Seq2SeqTransformer, precision: str, group: int = 1):
-    """Inputs of each graph from an eager search's state on a dummy batch, with sizes all
-    distinct (equal sizes would be traced as one symbol): sources of 7 tokens, 5 positions
-    cached; 3 rows (start, step), or 3 sources of ``group`` beams each whose caches hold the
-    rows of 4 (beam: a finished sentence dropped)."""
+    """Inputs of the start graph and of a step graph (``group`` beams a source), from an eager
+    search's state on a dummy batch (``_SOURCES``): a greedy step after ``_POSITIONS`` steps
+    (buffers with room), or a beam step after 5, with one sentence of ``_BEAM_SOURCES`` just
+    dropped (the caches hold its rows until the step takes the others')."""
     device = model.embed.weight.device
     config = model.config
-    sources = 3 if group == 1 else 4
-    src = torch.randint(4, config.vocab_size, (sources, 7), device=device)
+    sources = _SOURCES if group == 1 else _BEAM_SOURCES
+    src = torch.randint(4, config.vocab_size, (sources, _SOURCE_TOKENS), device=device)
     src_mask = torch.ones_like(src, dtype=torch.bool)
     tokens = torch.full((sources, 1), config.bos_id, device=device)
     with torch.inference_mode(), precision_context(precision, device):
         cache = Seq2SeqTransformer.start_cache(model, src, src_mask)
         if group == 1:
-            for _ in range(5):
+            for _ in range(_POSITIONS):
                 Seq2SeqTransformer.decode(model, tokens, None, src_mask, cache)
             cache.reserve(4)
             inputs = (tokens, src_mask, torch.zeros(len(cache), device=device))
@@ -174,7 +183,7 @@ def _examples(model: Seq2SeqTransformer, precision: str, group: int = 1):
             for _ in range(4):
                 cache.index_rows()
                 Seq2SeqTransformer.decode(model, tokens, None, src_mask, cache)
-            keep = torch.arange(3 * group, device=device)
+            keep = torch.arange((sources - 1) * group, device=device)
             cache.reorder(keep)
             cache.index_rows()
             inputs = (tokens[keep], src_mask[keep], cache.self_attn[0]._pending)
@@ -185,7 +194,7 @@ def _examples(model: Seq2SeqTransformer, precision: str, group: int = 1):
     # (copies made outside inference mode: export takes no inference tensors)
     step = tuple(x.clone() for x in inputs) + tuple(
         [x.clone() for x in xs] for xs in (keys, values, cross_k, cross_v))
-    return (src.clone(), src_mask[:3].clone()), step
+    return (src.clone(), torch.ones_like(src, dtype=torch.bool)), step
 
 
 def source_cap(model: Seq2SeqTransformer, queries: int | None) -> int:
@@ -202,7 +211,7 @@ def source_cap(model: Seq2SeqTransformer, queries: int | None) -> int:
 def _dynamic_shapes(kind: str, model: Seq2SeqTransformer, group: int = 1):
     Dim = torch.export.Dim
     layers = len(model.decoder_layers)
-    rows = Dim("rows", min=2, max=MAX_ROWS)
+    rows = Dim("rows", min=1, max=MAX_ROWS)
     if kind == "start":
         source = Dim("source", min=2, max=source_cap(model, None))
         return ({0: rows, 1: source}, {0: rows, 1: source})
@@ -212,10 +221,10 @@ def _dynamic_shapes(kind: str, model: Seq2SeqTransformer, group: int = 1):
         positions = Dim("positions", min=0, max=MAX_POSITIONS - 2)
         buffer = [{0: rows, 2: Dim("capacity", min=3, max=MAX_POSITIONS)}] * layers
         return ({0: rows}, {0: rows, 1: source}, {0: positions}, buffer, buffer, cross, cross)
-    sources = Dim("sources", min=2, max=MAX_ROWS // group)
+    sources = Dim("sources", min=1, max=MAX_ROWS // group)
     beams = group * sources
-    cached = [{0: Dim("previous_rows", min=2, max=MAX_ROWS),
-               2: Dim("positions", min=2, max=MAX_POSITIONS)}] * layers
+    cached = [{0: Dim("previous_rows", min=1, max=MAX_ROWS),
+               2: Dim("positions", min=1, max=MAX_POSITIONS)}] * layers
     cross = [{0: sources, 2: source}] * layers
     return ({0: beams}, {0: beams, 1: source}, {0: beams}, cached, cached, cross, cross)
 
@@ -345,21 +354,21 @@ class ExportedDecoding:
 
 
 def _sizes_fit(rows: int, source: int, cap: int = MAX_SOURCE) -> bool:
-    return 2 <= rows <= MAX_ROWS and 2 <= source <= cap
+    return 1 <= rows <= MAX_ROWS and 2 <= source <= cap
 
 
 def _routable(tgt_in: Tensor, cache: DecoderCache | None) -> bool:
     """Whether a step runs a graph: one new position, a cache holding the cross-attention keys,
-    no autograd, every size within the graphs' ranges (rows and source tokens at least 2)."""
+    no autograd, every size within the graphs' ranges (source tokens from 2, ``MAX_*``)."""
     if cache is None or torch.is_grad_enabled() or tgt_in.shape[1] != 1:
         return False
     cross = cache.cross_attn[0]
     if cross.k is None or len(cache) > MAX_POSITIONS - 4:
         return False
     group = cross.group
-    if group > 1 and (len(cache) < 2 or cross.k.shape[0] < 2):
-        return False  # (the first beam step has one row per source: group 1)
-    return _sizes_fit(tgt_in.shape[0], cross.k.shape[2]) and cross.k.shape[0] >= 2
+    if group > 1 and len(cache) < 1:
+        return False  # (beam search shares the keys after its first step, never before)
+    return _sizes_fit(tgt_in.shape[0], cross.k.shape[2])
 
 
 def _empty_buffers(selfs, cross, capacity: int) -> None:

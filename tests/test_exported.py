@@ -21,9 +21,9 @@ from seq2seq_diff.translator import Translator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Every shape a translation meets: mixed lengths (rows leave at different steps), one sentence
-# (eager: the graphs take 2 rows up), sources of one token (eager), a wider batch, and a
-# source longer than the start graph takes for these models (encoded eagerly).
+# Every shape a translation meets: mixed lengths (rows leave at different steps), one sentence,
+# sources of one token (eager: the graphs take 2 source tokens up), a wider batch, and sources
+# longer than the start graph takes for these models (encoded eagerly).
 BATCHES = [dict(batch=6, seed=1), dict(batch=1, seed=2),
            dict(batch=3, seed=3, min_len=0, max_len=1), dict(batch=11, seed=4, max_len=14),
            dict(batch=3, seed=5, min_len=101, max_len=120)]
@@ -78,12 +78,21 @@ def test_aot_searches_equal_eager(models):
         "beam3.pt2", "start.pt2", "step.pt2"]
 
 
-def test_step_logits_match_eager_from_an_empty_cache_on(models):
+@pytest.fixture(scope="module")
+def standard(tmp_path_factory):
+    """(eager float32 random standard-attention model, its AOT copy)."""
+    eager = random_model("standard", seed=2).float()
+    return eager, aot_decoding(eager, cache_dir=tmp_path_factory.mktemp("aot-standard"))
+
+
+@pytest.mark.parametrize("kind", ["diff", "standard"])
+@pytest.mark.parametrize("batch", [5, 1])
+def test_step_logits_match_eager_from_an_empty_cache_on(models, standard, kind, batch):
     """Every step of a batch, the first (nothing cached) included, against eager decoding."""
-    eager, aot = models[:2]
-    src = random_batch(batch=5, seed=7)
+    eager, aot = models[:2] if kind == "diff" else standard
+    src = random_batch(batch=batch, seed=7)
     mask = src != 0
-    tokens = torch.randint(4, 40, (5, 6), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(4, 40, (batch, 6), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         caches = [model.start_cache(src, mask) for model in (aot, eager)]
         for t in range(tokens.shape[1]):
@@ -91,6 +100,7 @@ def test_step_logits_match_eager_from_an_empty_cache_on(models):
                          for model, cache in zip((aot, eager), caches, strict=True))
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert len(caches[0]) == len(caches[1]) == tokens.shape[1]
+    assert set(aot.decode.__self__.runners) >= {"start", "step"}
 
 
 def test_packages_are_reused_by_a_later_run_and_keyed_by_the_weights(models, monkeypatch):
