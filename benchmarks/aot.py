@@ -1,0 +1,95 @@
+"""Searches compiled ahead of time (``translate --aot``) against ``torch.compile`` (``--compile``).
+
+The same model (random weights, ``peers.py``'s dimensions and batch) decoded as ``translate``
+runs it eagerly, with compiled steps and with AOTInductor graphs (``seq2seq_diff.exported``),
+interleaved in one process (medians and minima, as ``layout.py``); prints whether they give
+the same tokens, and what each costs before its first search: compiling (torch.compile, in every
+process), building the graphs (AOT, once per model) and loading them (AOT, every later process).
+The AOT graphs are kept in a temporary directory unless ``--cache-dir`` names one.
+
+    python benchmarks/aot.py                                      # d_model 256, bf16, greedy
+    python benchmarks/aot.py --precisions bf16 float32 --beams 1 5
+    python benchmarks/aot.py --d-model 512 --layers 6 --heads 8 --ffn-dim 2048 --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from layout import race_searches, report  # noqa: E402
+from peers import add_size_arguments, decode_fn, ours  # noqa: E402
+
+from seq2seq_diff.exported import aot_decoding  # noqa: E402
+from seq2seq_diff.translator import inference_model  # noqa: E402
+
+
+def first_search(model, args, beam: int, precision: str) -> float:
+    """Seconds of a model's first search (its compiling or building included)."""
+    began = time.perf_counter()
+    decode_fn("ours", model, args, beam, precision)()
+    return time.perf_counter() - began
+
+
+def variants(kind: str, precision: str, args, cache_dir: Path) -> dict[str, torch.nn.Module]:
+    """The model as ``translate`` decodes it eagerly, with ``--compile`` and with ``--aot``,
+    each timed through its first searches; the AOT graphs loaded again as a new run would."""
+    quantize = "bf16" if precision == "bf16" else "none"
+    model = ours(kind, args)
+    built = {"eager": inference_model(model, "cpu", quantize, pack=False),
+             "compiled": inference_model(model, "cpu", quantize, compile=True)}
+    aot = aot_decoding(built["eager"], quantize, cache_dir)
+    for name, variant in (("compiled", built["compiled"]), ("aot, building", aot)):
+        spent = [first_search(variant, args, beam, precision) for beam in args.beams]
+        print(f"    {kind} {precision}, {name}: first searches "
+              + ", ".join(f"{s:.1f} s" for s in spent), flush=True)
+    began = time.perf_counter()
+    built["aot"] = aot_decoding(built["eager"], quantize, cache_dir)  # as a later run does
+    loading = [first_search(built["aot"], args, beam, precision) for beam in args.beams]
+    print(f"    {kind} {precision}, aot, loading: {time.perf_counter() - began:.1f} s to the "
+          f"end of the first searches ({', '.join(f'{s:.2f} s' for s in loading)})", flush=True)
+    return built
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_size_arguments(parser)
+    parser.add_argument("--kinds", nargs="+", choices=["diff", "standard"],
+                        default=["standard", "diff"])
+    parser.add_argument("--precisions", nargs="+", choices=["bf16", "float32"], default=["bf16"])
+    parser.add_argument("--beams", type=int, nargs="+", default=[1])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache-dir", help="keep the AOT graphs here (default: a temporary "
+                                            "directory)")
+    parser.set_defaults(device="cpu", dtype="float32")  # what peers.decode_fn reads
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"d_model {args.d_model}, {args.layers}+{args.layers} layers, FFN {args.ffn_dim}, "
+          f"vocab {args.vocab}; {args.threads} threads; torch {torch.__version__}")
+    print(f"{args.batch} sentences x {args.src_len} tokens, {args.out_len} output tokens; "
+          f"ms per search, median of {args.repeats} (min); speed against 'compiled' "
+          "(median / min)")
+    with tempfile.TemporaryDirectory(prefix="aot-") as scratch:
+        cache_dir = Path(args.cache_dir or scratch)
+        for precision in args.precisions:
+            for kind in args.kinds:
+                models = variants(kind, precision, args, cache_dir)
+                for beam in args.beams:
+                    same, times = race_searches(models, args, beam, precision)
+                    label = "greedy" if beam == 1 else f"beam {beam}"
+                    report(f"  {precision}, {kind}, {label} (same tokens: {same})", times,
+                           "compiled", 10)
+
+
+if __name__ == "__main__":
+    main()
