@@ -14,7 +14,6 @@ The AOT graphs are kept in a temporary directory unless ``--cache-dir`` names on
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
@@ -26,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from layout import race_searches, report  # noqa: E402
-from peers import add_size_arguments, decode_fn, ours  # noqa: E402
+from layout import race_variants, variant_parser  # noqa: E402
+from peers import decode_fn, ours  # noqa: E402
 
 from seq2seq_diff.exported import aot_decoding  # noqa: E402
 from seq2seq_diff.translator import inference_model  # noqa: E402
@@ -61,34 +60,14 @@ def variants(kind: str, precision: str, args, cache_dir: Path) -> dict[str, torc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_arguments(parser)
-    parser.add_argument("--kinds", nargs="+", choices=["diff", "standard"],
-                        default=["standard", "diff"])
-    parser.add_argument("--precisions", nargs="+", choices=["bf16", "float32"], default=["bf16"])
-    parser.add_argument("--beams", type=int, nargs="+", default=[1])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
+    parser = variant_parser(__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", help="keep the AOT graphs here (default: a temporary "
                                             "directory)")
-    parser.set_defaults(device="cpu", dtype="float32")  # what peers.decode_fn reads
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"d_model {args.d_model}, {args.layers}+{args.layers} layers, FFN {args.ffn_dim}, "
-          f"vocab {args.vocab}; {args.threads} threads; torch {torch.__version__}")
-    print(f"{args.batch} sentences x {args.src_len} tokens, {args.out_len} output tokens; "
-          f"ms per search, median of {args.repeats} (min); speed against 'compiled' "
-          "(median / min)")
     with tempfile.TemporaryDirectory(prefix="aot-") as scratch:
         cache_dir = Path(args.cache_dir or scratch)
-        for precision in args.precisions:
-            for kind in args.kinds:
-                models = variants(kind, precision, args, cache_dir)
-                for beam in args.beams:
-                    same, times = race_searches(models, args, beam, precision)
-                    label = "greedy" if beam == 1 else f"beam {beam}"
-                    report(f"  {precision}, {kind}, {label} (same tokens: {same})", times,
-                           "compiled", 10)
+        race_variants(args, lambda kind, precision: variants(kind, precision, args, cache_dir),
+                      "compiled", 10)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ each precision's two compiled variants interleaved in one process (medians and m
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -25,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from layout import race_searches, report  # noqa: E402
-from peers import add_size_arguments, ours  # noqa: E402
+from layout import race_variants, variant_parser  # noqa: E402
+from peers import ours  # noqa: E402
 
 from seq2seq_diff.compiled import CompiledDecode, compile_decoding  # noqa: E402
 from seq2seq_diff.translator import inference_model  # noqa: E402
@@ -45,30 +44,9 @@ def variants(kind: str, precision: str, args) -> dict[str, torch.nn.Module]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_size_arguments(parser)
-    parser.add_argument("--kinds", nargs="+", choices=["diff", "standard"],
-                        default=["standard", "diff"])
-    parser.add_argument("--precisions", nargs="+", choices=["bf16", "float32"], default=["bf16"])
-    parser.add_argument("--beams", type=int, nargs="+", default=[1])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.set_defaults(device="cpu", dtype="float32")  # what peers.decode_fn reads
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"d_model {args.d_model}, {args.layers}+{args.layers} layers, FFN {args.ffn_dim}, "
-          f"vocab {args.vocab}; {args.threads} threads; torch {torch.__version__}")
-    print(f"{args.batch} sentences x {args.src_len} tokens, {args.out_len} output tokens; "
-          f"ms per search, median of {args.repeats} (min); speed against 'graph inputs' "
-          "(median / min)")
-    for precision in args.precisions:
-        for kind in args.kinds:
-            models = variants(kind, precision, args)
-            for beam in args.beams:
-                same, times = race_searches(models, args, beam, precision)
-                label = "greedy" if beam == 1 else f"beam {beam}"
-                report(f"  {precision}, {kind}, {label} (same tokens: {same})", times,
-                       "graph inputs", 14)
+    args = variant_parser(__doc__.splitlines()[0]).parse_args()
+    race_variants(args, lambda kind, precision: variants(kind, precision, args), "graph inputs",
+                  14)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,41 @@ def report(heading: str, times: dict[str, list[float]], reference: str, width: i
         print(f"    {name:<{width}}" + summary(spent, times[reference], 1e3, ""), flush=True)
 
 
+def variant_parser(description: str) -> argparse.ArgumentParser:
+    """Options of a script racing variants of our model on the peers batch (``race_variants``):
+    sizes, kinds, precisions, beams, repeats, threads."""
+    parser = argparse.ArgumentParser(description=description)
+    add_size_arguments(parser)
+    parser.add_argument("--kinds", nargs="+", choices=["diff", "standard"],
+                        default=["standard", "diff"])
+    parser.add_argument("--precisions", nargs="+", choices=["bf16", "float32"], default=["bf16"])
+    parser.add_argument("--beams", type=int, nargs="+", default=[1])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.set_defaults(device="cpu", dtype="float32")  # what peers.decode_fn reads
+    return parser
+
+
+def race_variants(args, variants: Callable[[str, str], dict[str, torch.nn.Module]],
+                  reference: str, width: int) -> None:
+    """For each precision and kind, ``variants(kind, precision)``'s searches raced at each beam
+    size and reported against variant ``reference``, with whether they gave the same tokens."""
+    torch.set_num_threads(args.threads)
+    print(f"d_model {args.d_model}, {args.layers}+{args.layers} layers, FFN {args.ffn_dim}, "
+          f"vocab {args.vocab}; {args.threads} threads; torch {torch.__version__}")
+    print(f"{args.batch} sentences x {args.src_len} tokens, {args.out_len} output tokens; "
+          f"ms per search, median of {args.repeats} (min); speed against '{reference}' "
+          "(median / min)")
+    for precision in args.precisions:
+        for kind in args.kinds:
+            models = variants(kind, precision)
+            for beam in args.beams:
+                same, times = race_searches(models, args, beam, precision)
+                label = "greedy" if beam == 1 else f"beam {beam}"
+                report(f"  {precision}, {kind}, {label} (same tokens: {same})", times,
+                       reference, width)
+
+
 def summary(times: list[float], reference: list[float], unit: float, label: str) -> str:
     med, low = statistics.median(times), min(times)
     return (f"{med * unit:9.1f} (min {low * unit:8.1f}) {label}  "
