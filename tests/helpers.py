@@ -47,3 +47,21 @@ def random_batch(batch: int = 8, vocab: int = VOCAB, seed: int = 1, min_len: int
         src[i, :n] = torch.randint(4, vocab, (n,), generator=g)
         src[i, n] = EOS
     return src
+
+
+def cli_translations(model_dir: Path, folder: Path, lines: list[str], beam_size: int,
+                     *variants: list[str]) -> list[str]:
+    """``cli.py translate`` of ``lines`` and two blank lines, once per list of extra flags in
+    ``variants``: each run's output file."""
+    from seq2seq_diff.cli import main
+
+    src = folder / "in.en"
+    src.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    outputs = []
+    for i, flags in enumerate(variants):
+        out = folder / f"out{i}.ro"
+        assert main(["translate", "--model", str(model_dir), "--input", str(src), "--output",
+                     str(out), "--beam-size", str(beam_size), "--max-tokens", "64", "--quiet",
+                     *flags]) == 0
+        outputs.append(out.read_text(encoding="utf-8"))
+    return outputs

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from helpers import VOCAB, random_batch, random_model
+from helpers import VOCAB, cli_translations, random_batch, random_model
 from torch._dynamo.utils import counters
 
 from seq2seq_diff.compiled import CompiledDecode, compile_decoding
@@ -151,17 +151,7 @@ def test_compile_takes_float_models_only():
 
 
 def test_translate_cli_compile_gives_the_same_lines(model_dir, tmp_path, english):
-    from seq2seq_diff.cli import main
-
-    src = tmp_path / "in.en"
-    src.write_text("\n".join(english[:12]) + "\n\n", encoding="utf-8")
-    outputs = []
-    for flags in ([], ["--compile"]):
-        out = tmp_path / f"out{len(flags)}.ro"
-        assert main(["translate", "--model", str(model_dir), "--input", str(src), "--output",
-                     str(out), "--beam-size", "2", "--max-tokens", "64", "--quiet",
-                     *flags]) == 0
-        outputs.append(out.read_text(encoding="utf-8"))
+    outputs = cli_translations(model_dir, tmp_path, english[:12], 2, [], ["--compile"])
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 13
 
 

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from helpers import random_batch, random_model
+from helpers import cli_translations, random_batch, random_model
 
 from seq2seq_diff import exported
 from seq2seq_diff.errors import ConfigError
@@ -147,18 +147,8 @@ def test_aot_takes_float_cpu_models_only():
 
 
 def test_translate_cli_aot_gives_the_same_lines(model_dir, tmp_path, english, monkeypatch):
-    from seq2seq_diff.cli import main
-
     monkeypatch.setenv(exported.CACHE_ENV, str(tmp_path / "aot"))
-    src = tmp_path / "in.en"
-    src.write_text("\n".join(english[:12]) + "\n\n", encoding="utf-8")
-    outputs = []
-    for flags in ([], ["--aot"]):
-        out = tmp_path / f"out{len(flags)}.ro"
-        assert main(["translate", "--model", str(model_dir), "--input", str(src), "--output",
-                     str(out), "--beam-size", "1", "--max-tokens", "64", "--quiet",
-                     *flags]) == 0
-        outputs.append(out.read_text(encoding="utf-8"))
+    outputs = cli_translations(model_dir, tmp_path, english[:12], 1, [], ["--aot"])
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 13
     assert sorted(p.name for p in (tmp_path / "aot").glob("*/*.pt2")) == ["start.pt2",
                                                                          "step.pt2"]
