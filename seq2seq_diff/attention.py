@@ -250,7 +250,7 @@ def _fresh(x: Tensor) -> Tensor:
 
 
 # Positions a self-attention buffer holds at first: a translation's first steps then never grow it.
-_FIRST_CAPACITY = 16
+FIRST_CAPACITY = 16
 
 
 def _tracked(*tensors: Tensor | None) -> bool:
@@ -310,7 +310,7 @@ def _take_and_append(cached: Tensor | None, rows: Tensor | None, new: Tensor) ->
         return torch.cat([cached if rows is None else cached.index_select(0, rows), new], dim=2)
     length = 0 if cached is None else cached.shape[2]
     total = length + new.shape[2]
-    capacity = max(total, _FIRST_CAPACITY)
+    capacity = max(total, FIRST_CAPACITY)
     out = (new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3]) if cached is None
            else _take(cached, rows, length, capacity))
     out[:, :, length:total] = new

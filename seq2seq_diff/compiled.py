@@ -93,7 +93,7 @@ def _call_with(settings, fn, *args):
             setattr(module, name, value)
 
 
-def _reason(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     """The first line of a compile error, for a one-line warning."""
     text = str(error).strip()
     return text.splitlines()[0] if text else repr(error)
@@ -117,7 +117,7 @@ class CompiledOrEager:
             try:
                 return self.compiled(*args)
             except torch._dynamo.exc.TorchDynamoException as error:
-                self.failed = _reason(error)
+                self.failed = first_line(error)
                 logger.warning("torch.compile of %s failed (%s); running it eagerly", self.what,
                                self.failed)
         return self.eager(*args)
@@ -167,7 +167,7 @@ class CompiledDecode:
             return _call_with(settings, step, tgt_in, memory, src_mask, cache)
         except torch._dynamo.exc.TorchDynamoException as error:
             # Raised while tracing or compiling, before the graph ran: the cache is untouched.
-            self.failed = _reason(error)
+            self.failed = first_line(error)
             logger.warning("torch.compile of the decoding step failed (%s); decoding eagerly",
                            self.failed)
             return self.eager(tgt_in, memory, src_mask, cache)
@@ -194,6 +194,15 @@ def _own_code(model: Seq2SeqTransformer) -> Callable[..., Tensor]:
     return types.MethodType(copy, model)
 
 
+def check_plain(model: Seq2SeqTransformer, what: str) -> None:
+    """ValueError unless ``model`` has plain float32 or bf16 linear layers (not int8 or
+    oneDNN-packed ones, which a graph cannot trace)."""
+    for module in model.modules():
+        if "quantized" in type(module).__module__ or hasattr(module, "packed"):
+            raise ValueError(f"{what} takes a plain float32 or bf16 model, not an int8 or "
+                             "oneDNN-packed one")
+
+
 def compile_decoding(model: Seq2SeqTransformer,
                      device: str | torch.device | None = None) -> Seq2SeqTransformer:
     """An inference copy of ``model`` (float32 or bf16 weights), moved to ``device`` if given,
@@ -205,10 +214,7 @@ def compile_decoding(model: Seq2SeqTransformer,
     float32 ones are not: frozen, inductor repacks them for oneDNN, 0.9x the MKL products on
     input-major weights (BENCHMARKS.md, eleventh session).
     """
-    for module in model.modules():
-        if "quantized" in type(module).__module__ or hasattr(module, "packed"):
-            raise ValueError("compile_decoding takes a plain float32 or bf16 model, not an int8 "
-                             "or oneDNN-packed one")
+    check_plain(model, "compile_decoding")
     model = model.inference_copy()
     if device is not None:
         model.to(device)

@@ -45,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from seq2seq_diff import __version__
-from seq2seq_diff.compiled import FROZEN
+from seq2seq_diff.attention import FIRST_CAPACITY
+from seq2seq_diff.compiled import FROZEN, check_plain, first_line
 from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
 from seq2seq_diff.quantize import precision_context
 
@@ -185,8 +186,7 @@ def _examples(model: Seq2SeqTransformer, precision: str, group: int = 1):
                 Seq2SeqTransformer.decode(model, tokens, None, src_mask, cache)
             keep = torch.arange((sources - 1) * group, device=device)
             cache.reorder(keep)
-            cache.index_rows()
-            inputs = (tokens[keep], src_mask[keep], cache.self_attn[0]._pending)
+            inputs = (tokens[keep], src_mask[keep], cache.index_rows())
         keys = [c._k for c in cache.self_attn]
         values = [c._v for c in cache.self_attn]
         cross_k = [c.k for c in cache.cross_attn]
@@ -281,6 +281,12 @@ class ExportedDecoding:
         self.positions = torch.empty(MAX_POSITIONS, device=model.embed.weight.device)
         self.source_caps = {None: source_cap(model, None)}  # longest source, by graph
 
+    def source_cap(self, group: int | None) -> int:
+        """``source_cap`` of the model for ``group`` query rows a source, computed once."""
+        if group not in self.source_caps:
+            self.source_caps[group] = source_cap(self.model, group)
+        return self.source_caps[group]
+
     def runner(self, kind: str, group: int = 1):
         """Graph ``kind`` (beam: for ``group`` beams), loaded or built; None once any failed."""
         name = kind if kind != "beam" else f"beam{group}"
@@ -298,8 +304,7 @@ class ExportedDecoding:
                 warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
                 loaded = torch._inductor.aoti_load_package(str(path))
         except Exception as error:  # noqa: BLE001 - any failure to build or load: eagerly
-            text = str(error).strip()
-            self.failed = text.splitlines()[0] if text else repr(error)
+            self.failed = first_line(error)
             logger.warning("ahead-of-time compiling failed (%s); decoding eagerly", self.failed)
             return None
         self.runners[name] = loaded.loader.boxed_run
@@ -307,7 +312,7 @@ class ExportedDecoding:
 
     def start_cache(self, src: Tensor, src_mask: Tensor) -> DecoderCache:
         run = None
-        if _sizes_fit(src.shape[0], src.shape[1], self.source_caps[None]) \
+        if _sizes_fit(src.shape[0], src.shape[1], self.source_cap(None)) \
                 and not torch.is_grad_enabled():
             run = self.runner("start")
         if run is None:
@@ -321,11 +326,9 @@ class ExportedDecoding:
     def decode(self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,
                cache: DecoderCache | None = None) -> Tensor:
         run = None
-        if _routable(tgt_in, cache):
+        if _routable(tgt_in, cache) and (cache.cross_attn[0].k.shape[2]
+                                          <= self.source_cap(cache.cross_attn[0].group)):
             group = cache.cross_attn[0].group
-            cap = self.source_caps.setdefault(group, source_cap(self.model, group))
-            if cache.cross_attn[0].k.shape[2] > cap:
-                return self.eager_decode(tgt_in, memory, src_mask, cache)
             run = self.runner("step") if group == 1 else self.runner("beam", group)
         if run is None:
             return self.eager_decode(tgt_in, memory, src_mask, cache)
@@ -334,7 +337,7 @@ class ExportedDecoding:
         tokens, src_mask = tgt_in.contiguous(), src_mask.contiguous()
         if cross[0].group == 1:  # in place, into room made now
             if selfs[0]._k is None:
-                _empty_buffers(selfs, cross[0], capacity=16)
+                _empty_buffers(selfs, cross[0], capacity=FIRST_CAPACITY)
             else:
                 cache.reserve(2)  # two more: a full buffer would be a view of another layout
             logits = run([tokens, src_mask, self.positions[: len(cache)],
@@ -342,9 +345,7 @@ class ExportedDecoding:
             for c in selfs:
                 c._length += 1
             return logits
-        rows = cache.self_attn[0].index_rows()
-        for c in selfs[1:]:
-            c.index_rows(rows)
+        rows = cache.index_rows()
         out = run([tokens, src_mask, rows, *[c._k for c in selfs], *[c._v for c in selfs],
                    *cross_k, *cross_v])
         layers = len(selfs)
@@ -387,10 +388,7 @@ def aot_decoding(model: Seq2SeqTransformer, precision: str = "none",
     ahead-of-time compiled graphs, built on first use into ``cache_dir`` (default
     ``default_cache_dir()``) and reused by every later process (module docstring).
     ``precision``: "none" or "bf16", as the model was prepared (``apply_quantization``)."""
-    for module in model.modules():
-        if "quantized" in type(module).__module__ or hasattr(module, "packed"):
-            raise ValueError("aot_decoding takes a plain float32 or bf16 model, not an int8 "
-                             "or oneDNN-packed one")
+    check_plain(model, "aot_decoding")
     model = model.inference_copy()
     if model.embed.weight.device.type != "cpu":
         raise ValueError("ahead-of-time compiled decoding runs on the CPU")

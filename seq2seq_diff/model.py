@@ -144,13 +144,15 @@ class DecoderCache:
         for cache in self.cross_attn:
             cache.reorder(index)
 
-    def index_rows(self) -> None:
+    def index_rows(self) -> Tensor | None:
         """Every self-attention cache takes its next rows by index (``KVCache.index_rows``), one
         index tensor shared by all layers: they are always reordered alike, and a compiled step
-        then sees the same inputs whether the reorders gave each layer its own copy or not."""
+        then sees the same inputs whether the reorders gave each layer its own copy or not.
+        Returns the index (None: empty)."""
         rows = self.self_attn[0].index_rows()
         for cache in self.self_attn[1:]:
             cache.index_rows(rows)
+        return rows
 
     def reserve(self, positions: int) -> None:
         """Every self-attention cache applies its pending reorder and makes room for
