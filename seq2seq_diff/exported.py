@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from seq2seq_diff import __version__
 from seq2seq_diff.attention import FIRST_CAPACITY
 from seq2seq_diff.compiled import FROZEN, check_plain, first_line
-from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
+from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer, extension_scores
 from seq2seq_diff.quantize import precision_context
 
 logger = logging.getLogger(__name__)
@@ -133,21 +133,24 @@ class _Step(nn.Module):
 
 class _BeamStep(nn.Module):
     """One position for rows sharing their source ``group`` at a time: the caches' rows
-    ``rows`` are taken and the position appended into new tensors. -> logits, keys, values."""
+    ``rows`` are taken and the position appended into new tensors. -> the rows' candidate
+    scores (``extension_scores``: ``scores`` plus log-probs, float32), keys, values."""
 
     def __init__(self, model: Seq2SeqTransformer, group: int):
         super().__init__()
         self.model, self.group = model, group
 
-    def forward(self, tokens: Tensor, src_mask: Tensor, rows: Tensor, self_k: list[Tensor],
-                self_v: list[Tensor], cross_k: list[Tensor], cross_v: list[Tensor]) -> list[Tensor]:
+    def forward(self, tokens: Tensor, src_mask: Tensor, scores: Tensor, rows: Tensor,
+                self_k: list[Tensor], self_v: list[Tensor], cross_k: list[Tensor],
+                cross_v: list[Tensor]) -> list[Tensor]:
         cache = DecoderCache(len(self_k))
         _self_caches(cache, self_k, self_v, self_k[0].shape[2])
         for kv in cache.self_attn:
             kv._pending = rows
         _cross_caches(cache, cross_k, cross_v, self.group)
-        logits = Seq2SeqTransformer.decode(self.model, tokens, None, src_mask, cache)
-        return [logits] + [c._k for c in cache.self_attn] + [c._v for c in cache.self_attn]
+        logits = Seq2SeqTransformer.decode(self.model, tokens, None, src_mask, cache)[:, -1]
+        out = extension_scores(logits, scores)  # fused into the pass reading the logits
+        return [out] + [c._k for c in cache.self_attn] + [c._v for c in cache.self_attn]
 
 
 # Sizes of the dummy batch each graph is traced on. Inductor times its GEMM kernels for these
@@ -186,7 +189,8 @@ def _examples(model: Seq2SeqTransformer, precision: str, group: int = 1):
                 Seq2SeqTransformer.decode(model, tokens, None, src_mask, cache)
             keep = torch.arange((sources - 1) * group, device=device)
             cache.reorder(keep)
-            inputs = (tokens[keep], src_mask[keep], cache.index_rows())
+            scores = -torch.rand(len(keep), device=device)
+            inputs = (tokens[keep], src_mask[keep], scores, cache.index_rows())
         keys = [c._k for c in cache.self_attn]
         values = [c._v for c in cache.self_attn]
         cross_k = [c.k for c in cache.cross_attn]
@@ -226,7 +230,8 @@ def _dynamic_shapes(kind: str, model: Seq2SeqTransformer, group: int = 1):
     cached = [{0: Dim("previous_rows", min=1, max=MAX_ROWS),
                2: Dim("positions", min=1, max=MAX_POSITIONS)}] * layers
     cross = [{0: sources, 2: source}] * layers
-    return ({0: beams}, {0: beams, 1: source}, {0: beams}, cached, cached, cross, cross)
+    return ({0: beams}, {0: beams, 1: source}, {0: beams}, {0: beams}, cached, cached, cross,
+            cross)
 
 
 def build_package(model: Seq2SeqTransformer, kind: str, precision: str, path: Path,
@@ -275,6 +280,7 @@ class ExportedDecoding:
         self.model, self.precision = model, precision
         self.eager_start = types.MethodType(Seq2SeqTransformer.start_cache, model)
         self.eager_decode = types.MethodType(Seq2SeqTransformer.decode, model)
+        self.eager_scores = types.MethodType(Seq2SeqTransformer.extension_scores, model)
         self.directory = cache_dir / model_key(model, precision)
         self.runners: dict[str, object] = {}
         self.failed: str | None = None  # why building failed; then everything runs eagerly
@@ -326,32 +332,44 @@ class ExportedDecoding:
     def decode(self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,
                cache: DecoderCache | None = None) -> Tensor:
         run = None
-        if _routable(tgt_in, cache) and (cache.cross_attn[0].k.shape[2]
-                                          <= self.source_cap(cache.cross_attn[0].group)):
-            group = cache.cross_attn[0].group
-            run = self.runner("step") if group == 1 else self.runner("beam", group)
+        if self._routable(tgt_in, cache, group=1):
+            run = self.runner("step")
         if run is None:
             return self.eager_decode(tgt_in, memory, src_mask, cache)
         selfs, cross = cache.self_attn, cache.cross_attn
-        cross_k, cross_v = [c.k for c in cross], [c.v for c in cross]
-        tokens, src_mask = tgt_in.contiguous(), src_mask.contiguous()
-        if cross[0].group == 1:  # in place, into room made now
-            if selfs[0]._k is None:
-                _empty_buffers(selfs, cross[0], capacity=FIRST_CAPACITY)
-            else:
-                cache.reserve(2)  # two more: a full buffer would be a view of another layout
-            logits = run([tokens, src_mask, self.positions[: len(cache)],
-                          *[c._k for c in selfs], *[c._v for c in selfs], *cross_k, *cross_v])[0]
-            for c in selfs:
-                c._length += 1
-            return logits
+        if selfs[0]._k is None:  # in place, into room made now
+            _empty_buffers(selfs, cross[0], capacity=FIRST_CAPACITY)
+        else:
+            cache.reserve(2)  # two more: a full buffer would be a view of another layout
+        logits = run([tgt_in.contiguous(), src_mask.contiguous(), self.positions[: len(cache)],
+                      *[c._k for c in selfs], *[c._v for c in selfs], *[c.k for c in cross],
+                      *[c.v for c in cross]])[0]
+        for c in selfs:
+            c._length += 1
+        return logits
+
+    def extension_scores(self, tgt_in: Tensor, src_mask: Tensor, cache: DecoderCache,
+                         scores: Tensor) -> Tensor:
+        group = cache.cross_attn[0].group
+        run = None
+        if group > 1 and scores.dtype == torch.float32 and self._routable(tgt_in, cache, group):
+            run = self.runner("beam", group)
+        if run is None:  # (beam search's first step: the step graph, through ``decode``)
+            return self.eager_scores(tgt_in, src_mask, cache, scores)
+        selfs, cross = cache.self_attn, cache.cross_attn
         rows = cache.index_rows()
-        out = run([tokens, src_mask, rows, *[c._k for c in selfs], *[c._v for c in selfs],
-                   *cross_k, *cross_v])
+        out = run([tgt_in.contiguous(), src_mask.contiguous(), scores.contiguous(), rows,
+                   *[c._k for c in selfs], *[c._v for c in selfs], *[c.k for c in cross],
+                   *[c.v for c in cross]])
         layers = len(selfs)
         for c, k, v in zip(selfs, out[1:1 + layers], out[1 + layers:], strict=True):
             c._k, c._v, c._length, c._pending = k, v, c._length + 1, None
         return out[0]
+
+    def _routable(self, tgt_in: Tensor, cache: DecoderCache | None, group: int) -> bool:
+        """Whether a step of rows sharing their source ``group`` at a time can run a graph."""
+        return (_routable(tgt_in, cache) and cache.cross_attn[0].group == group
+                and cache.cross_attn[0].k.shape[2] <= self.source_cap(group))
 
 
 def _sizes_fit(rows: int, source: int, cap: int = MAX_SOURCE) -> bool:
@@ -396,4 +414,5 @@ def aot_decoding(model: Seq2SeqTransformer, precision: str = "none",
                               Path(cache_dir) if cache_dir is not None else default_cache_dir())
     model.start_cache = graphs.start_cache
     model.decode = graphs.decode
+    model.extension_scores = graphs.extension_scores
     return model
