@@ -15,9 +15,12 @@ it, and a call runs C++ with no guards. Like converting a model for CTranslate2,
   first step), every cached length from an empty cache on: the self-attention caches are
   buffers with room (``DecoderCache.reserve``) which the graph writes in place. A graph's sizes
   are its inputs' shapes, so the cached length comes in as the length of ``positions``;
-* ``beam K``: rows that share their source's cross-attention keys K at a time (beam search
-  after its first step); the graph takes every cache's rows by index and appends, in one kernel
-  (``DecoderCache.index_rows``), and returns the new caches. One graph per beam size.
+* ``beam K``: a whole beam-search step after the first (``Seq2SeqTransformer.best_extensions``)
+  for rows that share their source's cross-attention keys K at a time: the graph takes every
+  cache's rows by index and appends, in one kernel (``DecoderCache.index_rows``), decodes, and
+  chooses each sentence's best 2K extensions (``seq2seq_diff.selection``: from the row's
+  log-sum-exp and the maxima of blocks of logits, never writing a score per token), returning
+  them and the new caches. One graph per beam size.
 
 Each graph serves every number of rows and sources and every source length from 2 tokens up
 to a cap (``source_cap``: 100 for the encoder, where attention changes kernel with the length);
@@ -47,8 +50,10 @@ from torch import Tensor, nn
 from seq2seq_diff import __version__
 from seq2seq_diff.attention import FIRST_CAPACITY
 from seq2seq_diff.compiled import FROZEN, check_plain, first_line
-from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer, extension_scores
+from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
 from seq2seq_diff.quantize import precision_context
+from seq2seq_diff.search import beam_candidates
+from seq2seq_diff.selection import best_extensions
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +63,8 @@ CACHE_ENV = "SEQ2SEQ_DIFF_AOT_CACHE"  # where packages are kept (default ~/.cach
 MAX_ROWS, MAX_SOURCE, MAX_POSITIONS = 1 << 16, 1 << 13, 1 << 13
 
 # Modules whose code the graphs are made of: a change to any of them makes new packages.
-_CODE_FILES = ("model.py", "attention.py", "layers.py", "norm_dropout.py", "exported.py")
+_CODE_FILES = ("model.py", "attention.py", "layers.py", "norm_dropout.py", "selection.py",
+               "exported.py")
 
 
 def default_cache_dir() -> Path:
@@ -132,25 +138,27 @@ class _Step(nn.Module):
 
 
 class _BeamStep(nn.Module):
-    """One position for rows sharing their source ``group`` at a time: the caches' rows
-    ``rows`` are taken and the position appended into new tensors. -> the rows' candidate
-    scores (``extension_scores``: ``scores`` plus log-probs, float32), keys, values."""
+    """One beam-search step for rows sharing their source ``group`` at a time: the caches'
+    rows ``rows`` are taken and the position appended into new tensors. -> each source's best
+    extensions (``Seq2SeqTransformer.best_extensions``: scores, indices), keys, values."""
 
     def __init__(self, model: Seq2SeqTransformer, group: int):
         super().__init__()
         self.model, self.group = model, group
 
-    def forward(self, tokens: Tensor, src_mask: Tensor, scores: Tensor, rows: Tensor,
-                self_k: list[Tensor], self_v: list[Tensor], cross_k: list[Tensor],
-                cross_v: list[Tensor]) -> list[Tensor]:
+    def forward(self, tokens: Tensor, src_mask: Tensor, scores: Tensor, ban_eos: Tensor,
+                only_eos: Tensor, rows: Tensor, self_k: list[Tensor], self_v: list[Tensor],
+                cross_k: list[Tensor], cross_v: list[Tensor]) -> list[Tensor]:
         cache = DecoderCache(len(self_k))
         _self_caches(cache, self_k, self_v, self_k[0].shape[2])
         for kv in cache.self_attn:
             kv._pending = rows
         _cross_caches(cache, cross_k, cross_v, self.group)
         logits = Seq2SeqTransformer.decode(self.model, tokens, None, src_mask, cache)[:, -1]
-        out = extension_scores(logits, scores)  # fused into the pass reading the logits
-        return [out] + [c._k for c in cache.self_attn] + [c._v for c in cache.self_attn]
+        # the log-softmax, the sum and the constraints fused into the pass reading the logits
+        top = best_extensions(logits, scores, ban_eos, only_eos, self.group,
+                              beam_candidates(self.group, self.model.config), self.model.config)
+        return [*top] + [c._k for c in cache.self_attn] + [c._v for c in cache.self_attn]
 
 
 # Sizes of the dummy batch each graph is traced on. Inductor times its GEMM kernels for these
@@ -190,7 +198,9 @@ def _examples(model: Seq2SeqTransformer, precision: str, group: int = 1):
             keep = torch.arange((sources - 1) * group, device=device)
             cache.reorder(keep)
             scores = -torch.rand(len(keep), device=device)
-            inputs = (tokens[keep], src_mask[keep], scores, cache.index_rows())
+            only_eos = torch.arange(len(keep), device=device) == 0
+            inputs = (tokens[keep], src_mask[keep], scores, torch.zeros_like(only_eos), only_eos,
+                      cache.index_rows())
         keys = [c._k for c in cache.self_attn]
         values = [c._v for c in cache.self_attn]
         cross_k = [c.k for c in cache.cross_attn]
@@ -230,8 +240,8 @@ def _dynamic_shapes(kind: str, model: Seq2SeqTransformer, group: int = 1):
     cached = [{0: Dim("previous_rows", min=1, max=MAX_ROWS),
                2: Dim("positions", min=1, max=MAX_POSITIONS)}] * layers
     cross = [{0: sources, 2: source}] * layers
-    return ({0: beams}, {0: beams, 1: source}, {0: beams}, {0: beams}, cached, cached, cross,
-            cross)
+    return ({0: beams}, {0: beams, 1: source}, {0: beams}, {0: beams}, {0: beams}, {0: beams},
+            cached, cached, cross, cross)
 
 
 def build_package(model: Seq2SeqTransformer, kind: str, precision: str, path: Path,
@@ -280,7 +290,7 @@ class ExportedDecoding:
         self.model, self.precision = model, precision
         self.eager_start = types.MethodType(Seq2SeqTransformer.start_cache, model)
         self.eager_decode = types.MethodType(Seq2SeqTransformer.decode, model)
-        self.eager_scores = types.MethodType(Seq2SeqTransformer.extension_scores, model)
+        self.eager_extensions = types.MethodType(Seq2SeqTransformer.best_extensions, model)
         self.directory = cache_dir / model_key(model, precision)
         self.runners: dict[str, object] = {}
         self.failed: str | None = None  # why building failed; then everything runs eagerly
@@ -348,23 +358,25 @@ class ExportedDecoding:
             c._length += 1
         return logits
 
-    def extension_scores(self, tgt_in: Tensor, src_mask: Tensor, cache: DecoderCache,
-                         scores: Tensor) -> Tensor:
-        group = cache.cross_attn[0].group
+    def best_extensions(self, tgt_in: Tensor, src_mask: Tensor, cache: DecoderCache,
+                        scores: Tensor, ban_eos: Tensor, only_eos: Tensor, width: int,
+                        count: int) -> tuple[Tensor, Tensor]:
         run = None
-        if group > 1 and scores.dtype == torch.float32 and self._routable(tgt_in, cache, group):
-            run = self.runner("beam", group)
+        if (width > 1 and count == beam_candidates(width, self.model.config)
+                and scores.dtype == torch.float32 and self._routable(tgt_in, cache, width)):
+            run = self.runner("beam", width)
         if run is None:  # (beam search's first step: the step graph, through ``decode``)
-            return self.eager_scores(tgt_in, src_mask, cache, scores)
+            return self.eager_extensions(tgt_in, src_mask, cache, scores, ban_eos, only_eos,
+                                         width, count)
         selfs, cross = cache.self_attn, cache.cross_attn
         rows = cache.index_rows()
-        out = run([tgt_in.contiguous(), src_mask.contiguous(), scores.contiguous(), rows,
-                   *[c._k for c in selfs], *[c._v for c in selfs], *[c.k for c in cross],
-                   *[c.v for c in cross]])
+        out = run([tgt_in.contiguous(), src_mask.contiguous(), scores.contiguous(),
+                   ban_eos.contiguous(), only_eos.contiguous(), rows, *[c._k for c in selfs],
+                   *[c._v for c in selfs], *[c.k for c in cross], *[c.v for c in cross]])
         layers = len(selfs)
-        for c, k, v in zip(selfs, out[1:1 + layers], out[1 + layers:], strict=True):
+        for c, k, v in zip(selfs, out[2:2 + layers], out[2 + layers:], strict=True):
             c._k, c._v, c._length, c._pending = k, v, c._length + 1, None
-        return out[0]
+        return out[0], out[1]
 
     def _routable(self, tgt_in: Tensor, cache: DecoderCache | None, group: int) -> bool:
         """Whether a step of rows sharing their source ``group`` at a time can run a graph."""
@@ -414,5 +426,5 @@ def aot_decoding(model: Seq2SeqTransformer, precision: str = "none",
                               Path(cache_dir) if cache_dir is not None else default_cache_dir())
     model.start_cache = graphs.start_cache
     model.decode = graphs.decode
-    model.extension_scores = graphs.extension_scores
+    model.best_extensions = graphs.best_extensions
     return model

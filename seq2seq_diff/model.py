@@ -17,6 +17,7 @@ from seq2seq_diff.attention import ATTENTION_KINDS, KVCache, RotaryEmbedding
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.layers import DecoderLayer, EncoderLayer
 from seq2seq_diff.norm_dropout import Dropout, RMSNorm
+from seq2seq_diff.selection import best_extensions
 
 
 @dataclass
@@ -185,16 +186,6 @@ def sinusoidal_positions(length: int, dim: int, offset: int = 0, device=None) ->
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-def extension_scores(logits: Tensor, scores: Tensor) -> Tensor:
-    """``scores`` (B,) plus ``log_softmax(logits)`` (B, V), at least float32 (overwriting
-    ``logits`` if they are float32 or wider)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    # In place, over the logits just written: a fresh (B, V) buffer per op is cold memory, and
-    # each cost 1.4-2.2 ms a step instead of 0.1-0.6 (beam 5, 32 sentences, vocabulary 8k).
-    # Row-wise log_softmax reads a row before writing it.
-    return torch.log_softmax(logits, dim=-1, out=logits).add_(scores[:, None])
-
-
 class Seq2SeqTransformer(nn.Module):
     """Encoder-decoder Transformer; every attention is ``config.attention`` (diff or standard)."""
 
@@ -273,13 +264,16 @@ class Seq2SeqTransformer(nn.Module):
         """
         return self.project(self.decode_states(tgt_in, memory, src_mask, cache))
 
-    def extension_scores(self, tgt_in: Tensor, src_mask: Tensor, cache: DecoderCache,
-                         scores: Tensor) -> Tensor:
-        """Beam search's candidate scores (B, V): ``scores`` (B,) of each row's hypothesis plus
-        the log-probability of each next token after ``tgt_in`` (B, 1), from the cache (which is
-        extended); at least float32. One overridable call, so a compiled decoder can fuse the
-        log-softmax and the sum into its last product (``seq2seq_diff.exported``)."""
-        return extension_scores(self.decode(tgt_in, None, src_mask, cache=cache)[:, -1], scores)
+    def best_extensions(self, tgt_in: Tensor, src_mask: Tensor, cache: DecoderCache,
+                        scores: Tensor, ban_eos: Tensor, only_eos: Tensor, width: int,
+                        count: int) -> tuple[Tensor, Tensor]:
+        """One beam-search step: decode ``tgt_in`` (B, 1) on the cache (which is extended) and
+        return the ``count`` best extensions of each source's ``width`` rows, ranked, scored as
+        ``scores`` (B,) plus log-probabilities (``selection.best_extensions``). One overridable
+        call, so a compiled decoder can fuse the choice into its last product
+        (``seq2seq_diff.exported``)."""
+        logits = self.decode(tgt_in, None, src_mask, cache=cache)[:, -1]
+        return best_extensions(logits, scores, ban_eos, only_eos, width, count, self.config)
 
     def decode_states(
         self, tgt_in: Tensor, memory: Tensor | None, src_mask: Tensor,

@@ -11,7 +11,7 @@ Conventions shared by every search here:
       away; a cap below ``min_len`` wins over ``min_len``.
     * ``min_len``: eos is banned until that many pieces exist. pad and bos are never produced.
     * The prefix is never recomputed: each step feeds one new token per row into
-      ``model.decode(..., cache=cache)`` (beam search: ``model.extension_scores``). Sentences
+      ``model.decode(..., cache=cache)`` (beam search: ``model.best_extensions``). Sentences
       that are done leave the batch (``cache.reorder``), so a long late sentence does not pay
       for finished short ones.
     * Everything runs under ``torch.inference_mode()`` with the model in eval mode (restored
@@ -33,8 +33,7 @@ import torch
 from torch import Tensor
 
 from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
-
-NEG_INF = float("-inf")
+from seq2seq_diff.selection import NEG_INF, best_tokens, constrain, eos_rules
 
 
 class Hypothesis(NamedTuple):
@@ -74,32 +73,6 @@ def _next_logits(model: Seq2SeqTransformer, step: Tensor, src_mask: Tensor, cach
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _constrain(scores: Tensor, t: int, row_max_len: Tensor, min_len: int,
-               config) -> Tensor:
-    """Ban pad/bos; ban eos before ``min_len``; force eos on rows at their length cap (in place).
-
-    A forced eos keeps the model's own score, so beam scores stay true sums of log-probs.
-
-    Args:
-        scores: (rows, V) logits or log-probabilities, modified in place.
-        t: pieces already decoded in every row.
-        row_max_len: (rows,) piece cap of each row.
-        min_len: minimum number of pieces.
-        config: the model's ``ModelConfig`` (special ids).
-    """
-    scores[:, config.pad_id] = NEG_INF
-    scores[:, config.bos_id] = NEG_INF
-    at_max = row_max_len <= t  # (rows,)
-    if t < min_len:
-        eos_col = scores[:, config.eos_id]
-        eos_col.masked_fill_(~at_max, NEG_INF)
-    if bool(at_max.any()):
-        not_eos = torch.ones(scores.shape[1], dtype=torch.bool, device=scores.device)
-        not_eos[config.eos_id] = False
-        scores.masked_fill_(at_max[:, None] & not_eos[None, :], NEG_INF)
-    return scores
-
-
 def _decode_loop(
     model: Seq2SeqTransformer,
     src: Tensor,
@@ -127,14 +100,14 @@ def _decode_loop(
     cache = model.start_cache(src, src_mask)
     t = 0
     while rows.numel():
-        logits = _constrain(_next_logits(model, step, src_mask, cache), t, row_max_len,
-                            min_len, config)
+        logits = constrain(_next_logits(model, step, src_mask, cache),
+                           *eos_rules(t, row_max_len, min_len), config)
         token = pick(logits)  # (rows,)
         out[rows, t] = token
         is_eos = token == config.eos_id
         lengths[rows] = torch.where(is_eos, t, t + 1)
         t += 1
-        # A row at its cap next step could only get a forced eos (``_constrain``): it ends now,
+        # A row at its cap next step could only get a forced eos (``constrain``): it ends now,
         # without a decoder step whose logits nothing would read.
         finished = is_eos | (row_max_len <= t)
         if bool(finished.any()):
@@ -225,68 +198,9 @@ def sample(
         return _decode_loop(model, src, src_mask, pick, max_len_a, max_len_b, min_len)
 
 
-def best_tokens(scores: Tensor, block: int = 64) -> Tensor:
-    """``scores.argmax(dim=1)`` for (n, M) scores, exactly (the first of equal maxima, as a NaN
-    if there is one), about 9× faster on a CPU.
-
-    ``argmax`` walks a row one element at a time (0.31 ms for 32 × 8,000 scores, a greedy step's
-    vocabulary). Here one vectorised ``amax`` finds each block of ``block`` columns' maximum, the
-    first block holding the row's maximum is found among those, and ``argmax`` runs over that
-    block alone (0.03 ms). A last partial block is compared on its own: it wins only with a
-    strictly larger score (or the first NaN), as the later columns it holds must.
-    """
-    n, m = scores.shape
-    whole = m // block
-    if whole < 2:
-        return scores.argmax(dim=1)
-    body = scores[:, : whole * block].unflatten(1, (whole, block))  # (n, M/block, block)
-    maxima = body.amax(dim=2)  # (n, M/block)
-    first = maxima.argmax(dim=1)  # (n,) the first block holding the body's maximum
-    inside = body.gather(1, first[:, None, None].expand(-1, 1, block)).squeeze(1).argmax(dim=1)
-    index = first * block + inside
-    if whole * block < m:
-        best = maxima.gather(1, first[:, None]).squeeze(1)
-        tail, at = scores[:, whole * block:].max(dim=1)
-        later = (tail > best) | (tail.isnan() & ~best.isnan())
-        index = torch.where(later, whole * block + at, index)
-    return index
-
-
-def top_candidates(scores: Tensor, k: int, block: int = 64) -> tuple[Tensor, Tensor]:
-    """The ``k`` largest entries of each row of ``scores`` (n, M) and their column indices, as
-    ``scores.topk(k, dim=1)`` finds them (in no particular order), 2.5× faster on a CPU.
-
-    ``topk`` over beam search's K·V candidates per sentence costs 1.8 ms a step at 32
-    sentences, beam 5 and V = 8,000: it walks every element with its index. Here the row is cut
-    into blocks of ``block`` columns; one vectorised ``amax`` finds each block's largest entry,
-    and ``topk`` then runs only over the ``k`` blocks with the largest maxima (and a last
-    partial block). Those hold the k largest entries: a block outside them has a maximum no
-    larger than the k chosen blocks' maxima, each of which is a distinct entry at least as large
-    (ties can trade one equal entry for another, as in ``topk``).
-    """
-    n, m = scores.shape
-    whole = m // block
-    if whole <= k:
-        return scores.topk(k, dim=1)
-    body = scores[:, : whole * block].unflatten(1, (whole, block))  # (n, M/block, block)
-    blocks = body.amax(dim=2).topk(k, dim=1).indices  # (n, k)
-    offsets = torch.arange(block, device=scores.device)
-    values = body.gather(1, blocks[:, :, None].expand(-1, -1, block)).flatten(1)  # (n, k·block)
-    index = (blocks[:, :, None] * block + offsets).flatten(1)
-    if whole * block < m:  # the last partial block is always a candidate
-        values = torch.cat([values, scores[:, whole * block:]], dim=1)
-        tail = torch.arange(whole * block, m, device=scores.device)
-        index = torch.cat([index, tail.expand(n, -1)], dim=1)
-    top, j = values.topk(k, dim=1)
-    return top, index.gather(1, j)
-
-
-def _rank_stably(scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-    """Order candidates (n, C) by score descending, ties by ascending ``index``: deterministic."""
-    by_index = index.argsort(dim=1, stable=True)
-    scores, index = scores.gather(1, by_index), index.gather(1, by_index)
-    by_score = scores.argsort(dim=1, descending=True, stable=True)
-    return scores.gather(1, by_score), index.gather(1, by_score)
+def beam_candidates(k: int, config) -> int:
+    """Extensions beam search ranks per sentence and step: 2K (K may all end), or all."""
+    return min(2 * k, k * config.vocab_size)
 
 
 def beam_search(
@@ -364,7 +278,7 @@ def _beam_search(
     sent_max_len = max_lengths(src_mask, max_len_a, max_len_b)  # (B,)
     limit = int(sent_max_len.max())
 
-    num_candidates = min(2 * k, k * vocab)
+    num_candidates = beam_candidates(k, config)
     # The first step has one live beam per sentence: it runs on B rows (as CTranslate2 does),
     # and the rows and the source mask grow to B·K after it. Each source's cross-attention keys
     # are projected once and stay one row: its K beams share them (``share_cross``) and attend
@@ -387,13 +301,9 @@ def _beam_search(
     t = 0  # pieces in every open hypothesis
     while sents.numel():
         n = sents.numel()
-        # Each row's score plus its next tokens' log-probs, constrained after the sum (a banned
-        # token is -inf either way; an allowed one gets the same sum).
-        cand = model.extension_scores(tokens[:, -1:], src_mask, cache,
-                                      scores[:, :width].reshape(n * width))  # (n·width, V)
-        cand = _constrain(cand, t, row_max_len, min_len, config).view(n, width * vocab)
-        top_scores, top_index = top_candidates(cand, num_candidates)  # (n, 2K)
-        top_scores, top_index = _rank_stably(top_scores, top_index)
+        top_scores, top_index = model.best_extensions(  # (n, 2K)
+            tokens[:, -1:], src_mask, cache, scores[:, :width].reshape(n * width),
+            *eos_rules(t, row_max_len, min_len), width, num_candidates)
         beam = top_index // vocab  # (n, 2K) beam (row of its sentence) each candidate extends
         token = top_index % vocab
         is_eos = token == config.eos_id

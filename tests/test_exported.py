@@ -32,7 +32,9 @@ BATCHES = [dict(batch=6, seed=1), dict(batch=1, seed=2),
 def searches(model, src):
     mask = src != 0
     greedy = greedy_search(model, src, mask, max_len_a=1.0, max_len_b=4)
-    hyps = beam_search(model, src, mask, beam_size=3, n_best=3, max_len_a=1.0, max_len_b=4)
+    hyps = [h for min_len in (0, 3)  # (eos banned on the first steps, then forced at the cap)
+            for h in beam_search(model, src, mask, beam_size=3, n_best=3, max_len_a=1.0,
+                                 max_len_b=4, min_len=min_len)]
     return greedy, [[h.tokens for h in s] for s in hyps], [h.score for s in hyps for h in s]
 
 
@@ -57,7 +59,7 @@ class Counting:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """(eager float32 random DIFF model, its AOT copy, the graphs' directory)."""
-    eager = random_model("diff").float()
+    eager = random_model("diff", vocab=200).float()  # beam 3 graph: the choice by blocks
     directory = tmp_path_factory.mktemp("aot")
     return eager, aot_decoding(eager, cache_dir=directory), directory
 

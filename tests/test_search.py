@@ -17,12 +17,10 @@ from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
 from seq2seq_diff.search import (
     Hypothesis,
     beam_search,
-    best_tokens,
     greedy_search,
     length_penalty_factor,
     max_lengths,
     sample,
-    top_candidates,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -378,43 +376,3 @@ def test_empty_batch_and_bad_arguments():
         beam_search(model, one, one != PAD, beam_size=2, n_best=3)
     with pytest.raises(ValueError):
         beam_search(model, one, one != PAD, beam_size=0)
-
-
-def test_top_candidates_finds_the_values_topk_finds():
-    """Blocked top-k against ``topk``: random rows with ties, -inf runs and partial blocks."""
-    g = torch.Generator().manual_seed(0)
-    for trial in range(200):
-        n, m = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 3000, (1,),
-                                                                              generator=g))
-        k = min(int(torch.randint(1, 12, (1,), generator=g)), m)
-        x = torch.randn(n, m, generator=g)
-        if trial % 3 == 0:
-            x = x.round()  # many ties
-        if trial % 5 == 0:
-            x[:, torch.randperm(m, generator=g)[: m // 2]] = float("-inf")
-        values, index = top_candidates(x, k, block=int(torch.randint(1, 100, (1,), generator=g)))
-        assert torch.equal(values.sort(dim=1, descending=True).values, x.topk(k, dim=1).values)
-        assert torch.equal(x.gather(1, index), values)
-        assert all(len(set(row)) == k for row in index.tolist())
-
-
-def test_best_tokens_is_argmax():
-    """Blocked argmax against ``argmax``: ties (the first wins), -inf rows, NaN, +inf, partial
-    blocks."""
-    g = torch.Generator().manual_seed(0)
-    for trial in range(600):
-        n, m = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 3000, (1,),
-                                                                              generator=g))
-        x = torch.randn(n, m, generator=g)
-        if trial % 3 == 0:
-            x = x.round()  # many ties
-        if trial % 5 == 0:
-            x[:, torch.randperm(m, generator=g)[: m // 2]] = float("-inf")
-        if trial % 7 == 0:
-            x[0] = float("-inf")
-        if trial % 11 == 0:
-            x[:, torch.randperm(m, generator=g)[:2]] = float("nan")
-        if trial % 13 == 0:
-            x[:, torch.randperm(m, generator=g)[:3]] = float("inf")
-        block = int(torch.randint(1, 100, (1,), generator=g))
-        assert torch.equal(best_tokens(x, block), x.argmax(dim=1)), (trial, n, m, block)
