@@ -52,8 +52,7 @@ from seq2seq_diff.attention import FIRST_CAPACITY
 from seq2seq_diff.compiled import FROZEN, check_plain, first_line
 from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
 from seq2seq_diff.quantize import precision_context
-from seq2seq_diff.search import beam_candidates
-from seq2seq_diff.selection import best_extensions
+from seq2seq_diff.selection import beam_candidates, best_extensions
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ class _BeamStep(nn.Module):
             kv._pending = rows
         _cross_caches(cache, cross_k, cross_v, self.group)
         logits = Seq2SeqTransformer.decode(self.model, tokens, None, src_mask, cache)[:, -1]
-        # the log-softmax, the sum and the constraints fused into the pass reading the logits
+        # the choice traced with the decoder: one pass over its logits, no score per token
         top = best_extensions(logits, scores, ban_eos, only_eos, self.group,
                               beam_candidates(self.group, self.model.config), self.model.config)
         return [*top] + [c._k for c in cache.self_attn] + [c._v for c in cache.self_attn]

@@ -33,7 +33,13 @@ import torch
 from torch import Tensor
 
 from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
-from seq2seq_diff.selection import NEG_INF, best_tokens, constrain, eos_rules
+from seq2seq_diff.selection import (
+    NEG_INF,
+    beam_candidates,
+    best_tokens,
+    constrain,
+    eos_rules,
+)
 
 
 class Hypothesis(NamedTuple):
@@ -196,11 +202,6 @@ def sample(
 
     with _eval_mode(model):
         return _decode_loop(model, src, src_mask, pick, max_len_a, max_len_b, min_len)
-
-
-def beam_candidates(k: int, config) -> int:
-    """Extensions beam search ranks per sentence and step: 2K (K may all end), or all."""
-    return min(2 * k, k * config.vocab_size)
 
 
 def beam_search(

@@ -54,6 +54,11 @@ def extension_scores(logits: Tensor, scores: Tensor) -> Tensor:
     return torch.log_softmax(logits, dim=-1, out=logits).add_(scores[:, None])
 
 
+def beam_candidates(k: int, config) -> int:
+    """Extensions beam search ranks per sentence and step: 2K (K may all end), or all."""
+    return min(2 * k, k * config.vocab_size)
+
+
 def banned(columns: Tensor, ban_eos: Tensor, only_eos: Tensor, config) -> Tensor:
     """``constrain``'s rules as a mask: True where token ``columns`` is banned, for rules
     ``ban_eos`` and ``only_eos`` that broadcast against ``columns``."""
