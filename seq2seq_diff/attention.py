@@ -104,6 +104,13 @@ class KVCache:
     Under autograd, and in compiled steps that reorder (beam search), appends make a new tensor
     instead (``_take_and_append``).
 
+    Or it keeps every position where it was written (``keep_in_place``): each row then reads its
+    cached positions through its lineage, a (B', L) index of the buffer row holding each one,
+    and a reorder gathers that index, a few integers a row, not the cache. Appends write row i's
+    new positions into buffer row i (positions past L are in no lineage yet). An ahead-of-time
+    compiled beam step reads the keys through the lineage inside its attention kernels: no copy
+    of the cache a step (``seq2seq_diff.exported``).
+
     A cross-attention cache can serve ``group`` consecutive query rows per row of keys
     (``share``): beam search's K beams of one source read its keys once, not K copies of them.
     """
@@ -115,7 +122,9 @@ class KVCache:
         self._k: Tensor | None = None
         self._v: Tensor | None = None
         self._length = 0
-        self._pending: Tensor | None = None  # rows to take, deferred until the next append
+        # rows to take, deferred until the next append: (B',) for all positions, or a lineage
+        # (B', L), the buffer row of each position (``keep_in_place``)
+        self._pending: Tensor | None = None
         self.group = 1  # static: query rows per row of keys and values
 
     @property
@@ -167,7 +176,7 @@ class KVCache:
         """
         if self.static or self._k is None:
             return None
-        if self.capacity != self._length:
+        if self.capacity != self._length or self._by_lineage():
             self._apply_pending()  # may leave them tight already
         if self.capacity != self._length:
             self._k = _take(self._k, None, self._length, self._length)
@@ -187,6 +196,31 @@ class KVCache:
             capacity = max(needed, 2 * self.capacity)
             self._k = _take(self._k, None, self._length, capacity)
             self._v = _take(self._v, None, self._length, capacity)
+
+    def keep_in_place(self, room: int, lineage: Tensor | None = None) -> Tensor | None:
+        """Self-attention: keep the cached positions where they are from now on and read them
+        through each row's lineage (class docstring); make room for ``room`` more positions and
+        for every row to write its own. ``lineage``: the one to take (the caller knows it
+        equal: the layers of a decoder share theirs). Returns the lineage (None: empty)."""
+        if self.static or self._k is None:
+            return None
+        if lineage is None:
+            lineage = self._pending if self._pending is not None else torch.arange(
+                self._k.shape[0], device=self._k.device)
+            if lineage.dim() == 1:
+                lineage = lineage[:, None].expand(-1, self._length).contiguous()
+        self._pending = lineage
+        rows = max(lineage.shape[0], self._k.shape[0])
+        capacity = self.capacity
+        if self._length + room > capacity:
+            capacity = max(self._length + room, 2 * capacity, FIRST_CAPACITY)
+        if rows > self._k.shape[0] or capacity > self.capacity:  # same rows, same positions
+            self._k = _grown(self._k, rows, self._length, capacity)
+            self._v = _grown(self._v, rows, self._length, capacity)
+        return lineage
+
+    def _by_lineage(self) -> bool:
+        return self._pending is not None and self._pending.dim() == 2
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (B',) in that order: beam reordering or dropping rows."""
@@ -209,6 +243,10 @@ class KVCache:
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append T new positions (B', ., T, .) after the (reordered) cached ones; all of them."""
         length, new = self._length, k.shape[2]
+        if self._by_lineage():
+            if not _recorded(k, self._k):
+                return self._append_in_place(k, v)
+            self._apply_pending()  # (under autograd: gathered, as without a lineage)
         if self._k is None:
             self._k, self._v = _take_and_append(None, None, k), _take_and_append(None, None, v)
         elif _functional(k, self._k, self._pending):
@@ -221,6 +259,24 @@ class KVCache:
             self._v[:, :, length : length + new] = v
         self._length = length + new
         return self._k[:, :, : self._length], self._v[:, :, : self._length]
+
+    def _append_in_place(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``append`` keeping positions in place: row i's new ones go to buffer row i, and the
+        positions come back gathered through the lineage (a graph fuses the gather into the
+        attention that reads them)."""
+        length, new = self._length, k.shape[2]
+        lineage = self._pending
+        if not torch.compiler.is_compiling():  # (a graph's caller makes the room beforehand)
+            self.keep_in_place(new, lineage)
+        own = torch.arange(lineage.shape[0], device=lineage.device)
+        # rows 0..B'-1 by index, not a slice: a graph then needs no relation between B' and
+        # the buffer's rows
+        self._k[:, :, length : length + new].index_copy_(0, own, k)
+        self._v[:, :, length : length + new].index_copy_(0, own, v)
+        own = own[:, None].expand(-1, new)
+        self._pending = torch.cat([lineage, own], dim=1)
+        self._length = length + new
+        return _through(self._k, self._pending), _through(self._v, self._pending)
 
     def _apply_pending(self, room: int = 0) -> None:
         """Take the pending rows now, into buffers with ``room`` more positions at least."""
@@ -257,8 +313,12 @@ def _tracked(*tensors: Tensor | None) -> bool:
     """Whether writing into existing tensors (``out=``) is off limits: while compiling (Dynamo
     takes no strided ``out=``) or while autograd records one of ``tensors`` (``out=`` has no
     autograd, and in-place writes would break the tensors saved for earlier steps)."""
-    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors))
+    return torch.compiler.is_compiling() or _recorded(*tensors)
+
+
+def _recorded(*tensors: Tensor | None) -> bool:
+    """Whether autograd records operations on one of ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _functional(new: Tensor, cached: Tensor, rows: Tensor | None) -> bool:
@@ -270,9 +330,28 @@ def _functional(new: Tensor, cached: Tensor, rows: Tensor | None) -> bool:
     return _tracked(new, cached)
 
 
+def _through(buffer: Tensor, lineage: Tensor) -> Tensor:
+    """Positions (B', H, L, D) of ``buffer`` (B0, H, capacity, D): position j of row i from
+    buffer row ``lineage[i, j]`` ((B', L))."""
+    positions = torch.arange(lineage.shape[1], device=lineage.device)
+    return buffer[lineage, :, positions].transpose(1, 2)  # (B', L, H, D) -> (B', H, L, D)
+
+
+def _grown(buffer: Tensor, rows: int, length: int, capacity: int) -> Tensor:
+    """A new buffer of ``rows`` rows and ``capacity`` positions whose first rows and
+    ``length`` positions are ``buffer``'s, in place."""
+    out = buffer.new_empty(rows, buffer.shape[1], capacity, buffer.shape[3])
+    out[: buffer.shape[0], :, :length] = buffer[:, :, :length]
+    return out
+
+
 def _take(buffer: Tensor, rows: Tensor | None, length: int, capacity: int) -> Tensor:
     """A new buffer of ``capacity`` positions whose first ``length`` are ``buffer``'s, rows
-    ``rows`` of them (None: all) in that order."""
+    ``rows`` of them (None: all; a lineage (B', L): by position) in that order."""
+    if rows is not None and rows.dim() == 2:
+        out = buffer.new_empty(rows.shape[0], buffer.shape[1], capacity, buffer.shape[3])
+        out[:, :, :length] = _through(buffer, rows)
+        return out
     taken = buffer[:, :, :length]
     if _tracked(buffer):
         taken = taken if rows is None else taken.index_select(0, rows)

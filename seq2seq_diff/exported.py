@@ -16,11 +16,14 @@ it, and a call runs C++ with no guards. Like converting a model for CTranslate2,
   buffers with room (``DecoderCache.reserve``) which the graph writes in place. A graph's sizes
   are its inputs' shapes, so the cached length comes in as the length of ``positions``;
 * ``beam K``: a whole beam-search step after the first (``Seq2SeqTransformer.best_extensions``)
-  for rows that share their source's cross-attention keys K at a time: the graph takes every
-  cache's rows by index and appends, in one kernel (``DecoderCache.index_rows``), decodes, and
-  chooses each sentence's best 2K extensions (``seq2seq_diff.selection``: from the row's
-  log-sum-exp and the maxima of blocks of logits, never writing a score per token), returning
-  them and the new caches. One graph per beam size.
+  for rows that share their source's cross-attention keys K at a time, on self-attention
+  caches kept in place (``DecoderCache.keep_in_place``): beam reorders gather only each row's
+  lineage (the buffer row of each cached position), the graph writes the new position in place
+  and its attention kernels read the keys and values through the lineage, so no step copies
+  the cache. It decodes and chooses each sentence's best 2K extensions
+  (``seq2seq_diff.selection``: from the row's log-sum-exp and the maxima of blocks of logits,
+  never writing a score per token), returning them and the new lineage. One graph per beam
+  size.
 
 Each graph serves every number of rows and sources and every source length from 2 tokens up
 to a cap (``source_cap``: 100 for the encoder, where attention changes kernel with the length);
@@ -137,27 +140,31 @@ class _Step(nn.Module):
 
 
 class _BeamStep(nn.Module):
-    """One beam-search step for rows sharing their source ``group`` at a time: the caches'
-    rows ``rows`` are taken and the position appended into new tensors. -> each source's best
-    extensions (``Seq2SeqTransformer.best_extensions``: scores, indices), keys, values."""
+    """One beam-search step for rows sharing their source ``group`` at a time, on caches kept
+    in place (``DecoderCache.keep_in_place``): ``lineage`` (B, L) gives the buffer row of each
+    cached position of each row, and row i's new position is written into buffer row i.
+    -> each source's best extensions (``Seq2SeqTransformer.best_extensions``: scores,
+    indices) and the new lineage (B, L + 1)."""
 
     def __init__(self, model: Seq2SeqTransformer, group: int):
         super().__init__()
         self.model, self.group = model, group
 
     def forward(self, tokens: Tensor, src_mask: Tensor, scores: Tensor, ban_eos: Tensor,
-                only_eos: Tensor, rows: Tensor, self_k: list[Tensor], self_v: list[Tensor],
+                only_eos: Tensor, lineage: Tensor, self_k: list[Tensor], self_v: list[Tensor],
                 cross_k: list[Tensor], cross_v: list[Tensor]) -> list[Tensor]:
+        # the buffers have room for the new position (and a row for each row): no branch to grow
+        torch._check(lineage.shape[1] < self_k[0].shape[2])
         cache = DecoderCache(len(self_k))
-        _self_caches(cache, self_k, self_v, self_k[0].shape[2])
+        _self_caches(cache, self_k, self_v, lineage.shape[1])
         for kv in cache.self_attn:
-            kv._pending = rows
+            kv._pending = lineage
         _cross_caches(cache, cross_k, cross_v, self.group)
         logits = Seq2SeqTransformer.decode(self.model, tokens, None, src_mask, cache)[:, -1]
         # the choice traced with the decoder: one pass over its logits, no score per token
         top = best_extensions(logits, scores, ban_eos, only_eos, self.group,
                               beam_candidates(self.group, self.model.config), self.model.config)
-        return [*top] + [c._k for c in cache.self_attn] + [c._v for c in cache.self_attn]
+        return [*top, cache.self_attn[0]._pending]
 
 
 # Sizes of the dummy batch each graph is traced on. Inductor times its GEMM kernels for these
@@ -192,14 +199,15 @@ def _examples(model: Seq2SeqTransformer, precision: str, group: int = 1):
             cache.reorder_self(beams)
             src_mask, tokens = src_mask[beams], tokens[beams]
             for _ in range(4):
-                cache.index_rows()
+                cache.keep_in_place(1)
                 Seq2SeqTransformer.decode(model, tokens, None, src_mask, cache)
+                cache.reorder_self(torch.randperm(len(beams), device=device))
             keep = torch.arange((sources - 1) * group, device=device)
             cache.reorder(keep)
             scores = -torch.rand(len(keep), device=device)
             only_eos = torch.arange(len(keep), device=device) == 0
             inputs = (tokens[keep], src_mask[keep], scores, torch.zeros_like(only_eos), only_eos,
-                      cache.index_rows())
+                      cache.keep_in_place(4))
         keys = [c._k for c in cache.self_attn]
         values = [c._v for c in cache.self_attn]
         cross_k = [c.k for c in cache.cross_attn]
@@ -236,11 +244,12 @@ def _dynamic_shapes(kind: str, model: Seq2SeqTransformer, group: int = 1):
         return ({0: rows}, {0: rows, 1: source}, {0: positions}, buffer, buffer, cross, cross)
     sources = Dim("sources", min=1, max=MAX_ROWS // group)
     beams = group * sources
-    cached = [{0: Dim("previous_rows", min=1, max=MAX_ROWS),
-               2: Dim("positions", min=1, max=MAX_POSITIONS)}] * layers
+    lineage = {0: beams, 1: Dim("positions", min=1, max=MAX_POSITIONS - 1)}
+    buffer = [{0: Dim("buffer_rows", min=1, max=MAX_ROWS),
+               2: Dim("capacity", min=3, max=MAX_POSITIONS)}] * layers
     cross = [{0: sources, 2: source}] * layers
-    return ({0: beams}, {0: beams, 1: source}, {0: beams}, {0: beams}, {0: beams}, {0: beams},
-            cached, cached, cross, cross)
+    return ({0: beams}, {0: beams, 1: source}, {0: beams}, {0: beams}, {0: beams}, lineage,
+            buffer, buffer, cross, cross)
 
 
 def build_package(model: Seq2SeqTransformer, kind: str, precision: str, path: Path,
@@ -368,13 +377,12 @@ class ExportedDecoding:
             return self.eager_extensions(tgt_in, src_mask, cache, scores, ban_eos, only_eos,
                                          width, count)
         selfs, cross = cache.self_attn, cache.cross_attn
-        rows = cache.index_rows()
+        lineage = cache.keep_in_place(1)  # (the buffers grow here, by doubling, if full)
         out = run([tgt_in.contiguous(), src_mask.contiguous(), scores.contiguous(),
-                   ban_eos.contiguous(), only_eos.contiguous(), rows, *[c._k for c in selfs],
+                   ban_eos.contiguous(), only_eos.contiguous(), lineage, *[c._k for c in selfs],
                    *[c._v for c in selfs], *[c.k for c in cross], *[c.v for c in cross]])
-        layers = len(selfs)
-        for c, k, v in zip(selfs, out[2:2 + layers], out[2 + layers:], strict=True):
-            c._k, c._v, c._length, c._pending = k, v, c._length + 1, None
+        for c in selfs:  # (their buffers written in place)
+            c._pending, c._length = out[2], c._length + 1
         return out[0], out[1]
 
     def _routable(self, tgt_in: Tensor, cache: DecoderCache | None, group: int) -> bool:

@@ -155,6 +155,16 @@ class DecoderCache:
             cache.index_rows(rows)
         return rows
 
+    def keep_in_place(self, room: int) -> Tensor | None:
+        """Every self-attention cache keeps its positions in place from now on, read through a
+        lineage shared by all layers, with room for ``room`` more (``KVCache.keep_in_place``):
+        an ahead-of-time compiled beam step then writes in place and gathers nothing but the
+        lineage. Returns the lineage (None: empty)."""
+        lineage = self.self_attn[0].keep_in_place(room)
+        for cache in self.self_attn[1:]:
+            cache.keep_in_place(room, lineage)
+        return lineage
+
     def reserve(self, positions: int) -> None:
         """Every self-attention cache applies its pending reorder and makes room for
         ``positions`` more (``KVCache.reserve``): a compiled greedy step then writes in place."""

@@ -217,6 +217,46 @@ def test_self_cache_room_after_a_reorder():
     assert got_k[:, :, 3].eq(1).all() and got_k[:, :, 4].eq(0).all()
 
 
+def test_cache_kept_in_place_reads_what_a_reordered_cache_holds():
+    """Kept in place, positions are never moved: reorders (beam reordering, widening, dropping
+    rows) only gather the lineage, appends write row i into buffer row i, and every append and
+    read gives what the copying cache gives; the buffers grow in rows and positions as needed."""
+    torch.manual_seed(0)
+    first = torch.randn(2, 2, 3, 5), torch.randn(2, 2, 3, 5)
+    plain, kept = KVCache(), KVCache()
+    for cache in (plain, kept):
+        cache.append(*first)
+    kept.keep_in_place(1)
+    reorders = [torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([2, 0, 1, 5, 5, 3]),
+                torch.tensor([1, 1, 0, 4, 3, 3]), torch.tensor([3, 5, 4])]  # widen, ..., drop
+    reorders += [torch.randint(0, 3, (3,)) for _ in range(24)]  # 31 positions: room grows
+    storage = capacity = None
+    for index in reorders:
+        for cache in (plain, kept):
+            cache.reorder(index)
+        new = torch.randn(len(index), 2, 1, 5), torch.randn(len(index), 2, 1, 5)
+        got, want = kept.append(*new), plain.append(*new)
+        assert kept._pending.shape == (len(index), len(plain))  # the lineage: a row a position
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        if kept.capacity == capacity:
+            assert kept._k.data_ptr() == storage  # written in place
+        storage, capacity = kept._k.data_ptr(), kept.capacity
+    assert kept._k.shape[0] == 6 and kept.capacity == 32  # rows of the widest step; doubled
+    assert torch.equal(kept.k, plain.k) and kept._pending is None  # read: gathered once
+
+
+def test_cache_kept_in_place_under_autograd_gathers_as_without():
+    k = torch.randn(3, 2, 4, 5, requires_grad=True)
+    cache = KVCache()
+    cache.append(k, k.detach())
+    cache.keep_in_place(1)
+    cache.reorder(torch.tensor([2, 2, 0]))
+    got_k, _ = cache.append(torch.zeros(3, 2, 1, 5), torch.zeros(3, 2, 1, 5))
+    assert torch.equal(got_k[:, :, :4], k[[2, 2, 0]]) and got_k.requires_grad
+    got_k.sum().backward()
+    assert k.grad[2].eq(2).all() and k.grad[0].eq(1).all() and k.grad[1].eq(0).all()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_cross_attention_cache_computes_keys_once(kind):
     attn = make(kind)

@@ -206,6 +206,30 @@ def test_beam_cached_equals_uncached_reference(attention, alpha, min_len):
         assert [h.score for h in hyps] == pytest.approx([h.score for h in want], abs=1e-9)
 
 
+@pytest.mark.parametrize("attention", ["diff", "standard"])
+def test_beam_with_caches_kept_in_place_equals_uncached_reference(monkeypatch, attention):
+    """Every beam step on caches kept in place (``DecoderCache.keep_in_place``, as the ahead-of-
+    time compiled beam step runs them, here eagerly): reorders gather only the lineage, and the
+    hypotheses are the reference's; sentences finish at different steps (rows dropped)."""
+    model = random_model(attention)
+    src = random_batch(6)
+    extensions = model.best_extensions
+    kept = []
+
+    def in_place(tgt_in, src_mask, cache, *args):
+        kept.append(cache.keep_in_place(1) is not None)
+        return extensions(tgt_in, src_mask, cache, *args)
+
+    monkeypatch.setattr(model, "best_extensions", in_place)
+    got = beam_search(model, src, src != PAD, beam_size=4, length_penalty=1.0, min_len=1,
+                      n_best=4)
+    assert kept[0] is False and all(kept[1:]) and len(kept) > 3  # (step 1: an empty cache)
+    for row, hyps in zip(src, got, strict=True):
+        want = reference_beam(model, row, 4, 1.0, min_len=1)
+        assert [h.tokens for h in hyps] == [h.tokens for h in want]
+        assert [h.score for h in hyps] == pytest.approx([h.score for h in want], abs=1e-9)
+
+
 def step_rows(monkeypatch, model) -> list[int]:
     """The rows of each decoding step ``model`` runs from now on, appended as they run."""
     rows = []
