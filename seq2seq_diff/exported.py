@@ -66,7 +66,7 @@ MAX_ROWS, MAX_SOURCE, MAX_POSITIONS = 1 << 16, 1 << 13, 1 << 13
 
 # Modules whose code the graphs are made of: a change to any of them makes new packages.
 _CODE_FILES = ("model.py", "attention.py", "layers.py", "norm_dropout.py", "selection.py",
-               "exported.py")
+               "quantize.py", "exported.py")
 
 
 def default_cache_dir() -> Path:
@@ -277,7 +277,7 @@ def _build(model: Seq2SeqTransformer, kind: str, precision: str, path: Path, gro
         program = torch.export.export(module.eval(), inputs, dynamic_shapes=shapes)
         # Autocast is applied while the graph is lowered to ATen ops, so lower it under it.
         program = program.run_decompositions()
-    frozen = model.output_proj.weight.dtype == torch.bfloat16 and device.type == "cpu"
+    frozen = precision == "bf16" and device.type == "cpu"
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         part = Path(scratch) / path.name

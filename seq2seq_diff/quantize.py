@@ -11,8 +11,14 @@
   is one per tensor, computed over the whole batch, so a sentence's int8 translation can depend
   on the sentences batched with it (float32's does not). Per-row scales (``torch._int_mm``)
   removed that but ran no faster than packed float32 (BENCHMARKS.md, sixth session).
-- Both (and ``seq2seq_diff.packed``) fuse the self-attention Q/K/V and the feed-forward w1/w3
-  projections of their copy first (``Seq2SeqTransformer.fuse_projections``).
+- ``int8_rows``: the int8 of compiled decoding (``translate --int8 --aot``): every
+  ``nn.Linear`` becomes an ``Int8Linear``, int8 weights with one scale per output channel and
+  activations quantised per row (one scale per token) as part of the graph, products in int32
+  (``torch._int_mm``, AMX-INT8 or VNNI through oneDNN). Per row, a sentence's translation does
+  not depend on the sentences batched with it. Eagerly, each quantisation is a few more kernels
+  a product, which is why plain ``--int8`` keeps PyTorch's dynamic quantisation.
+- All of them (and ``seq2seq_diff.packed``) fuse the self-attention Q/K/V and the feed-forward
+  w1/w3 projections of their copy first (``Seq2SeqTransformer.fuse_projections``).
 - ``fake_quantize_weights``: round every linear weight (and the output projection) to ``bits``
   bits, symmetric per group of ``group_size`` input columns, and store it back in float32: the
   accuracy of k-bit weight-only quantisation, without its kernels (for robustness studies).
@@ -25,12 +31,42 @@ import copy
 import warnings
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.model import Seq2SeqTransformer
 
 QUANTIZE_CHOICES = ("none", "int8", "bf16")
+INT8_LEVELS = 127  # symmetric int8: -127..127
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with int8 weights (one scale per output channel) whose input is quantised
+    per row on the fly (symmetric, one scale per row): ``y = (x_q · W_q) · s_x · s_w``, the
+    product in int32 by ``torch._int_mm``. Inference only."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        weight = linear.weight.detach().float()  # (N, K)
+        scale = weight.abs().amax(dim=1).clamp_min(1e-12) / INT8_LEVELS
+        quantized = (weight / scale[:, None]).round().clamp(-INT8_LEVELS, INT8_LEVELS)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # input-major (K, N), as ``torch._int_mm`` takes it
+        self.register_buffer("weight_int8", quantized.to(torch.int8).t().contiguous())
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / INT8_LEVELS
+        quantized = (rows / scale).round().clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+        y = torch._int_mm(quantized, self.weight_int8).float() * scale * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows"
 
 
 def cpu_bf16_native() -> bool | None:
@@ -71,6 +107,17 @@ def quantize_int8(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
         qconfig = torch.ao.quantization.per_channel_dynamic_qconfig
         return torch.ao.quantization.quantize_dynamic(model, {nn.Linear: qconfig},
                                                       dtype=torch.qint8)
+
+
+def int8_rows(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
+    """A copy of ``model`` whose linear layers are ``Int8Linear`` (CPU; for compiled decoding,
+    ``exported.aot_decoding(model, "int8")``)."""
+    model = model.inference_copy().cpu()
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                setattr(module, name, Int8Linear(child))
+    return model
 
 
 @torch.no_grad()

@@ -164,15 +164,16 @@ def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
     * float32 or bf16 on a CPU otherwise: an inference copy (projections fused) with its linear
       weights stored input-major (``packed.store_input_major``).
     * ``compile``: then its decoding steps compiled (``compiled.compile_decoding``);
-      ``aot``: its searches run graphs compiled ahead of time (``exported.aot_decoding``).
+      ``aot``: its searches run graphs compiled ahead of time (``exported.aot_decoding``),
+      int8 with activations quantised per row inside them (``quantize.int8_rows``).
     """
     device = torch.device(device)
     flag = "--aot" if aot else "--compile"
     if compile and aot:
         raise ConfigError("--compile and --aot are two ways to compile decoding: choose one")
-    if (compile or aot) and quantize == "int8":
-        raise ConfigError(f"compiled decoding takes float32 or bf16, not int8: drop "
-                          f"{flag} or --int8")
+    if compile and quantize == "int8":
+        raise ConfigError("--compile takes float32 or bf16, not int8: drop --compile or "
+                          "--int8, or compile ahead of time with --aot")
     if aot and device.type != "cpu":
         raise ConfigError(f"--aot compiles decoding for the CPU, not {device}: drop it, or "
                           "use --compile")
@@ -182,7 +183,11 @@ def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
     if quantize == "int8" and device.type != "cpu":
         raise ConfigError(f"int8 quantisation runs on the CPU only, not on {device}")
     cpu = device.type == "cpu"
-    if quantize != "none":
+    if aot and quantize == "int8":  # int8 per row inside the graphs
+        from seq2seq_diff.quantize import int8_rows
+
+        model = int8_rows(model)
+    elif quantize != "none":
         from seq2seq_diff.quantize import apply_quantization
 
         model = apply_quantization(model, quantize)  # ConfigError for an unknown mode

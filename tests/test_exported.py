@@ -15,7 +15,7 @@ from helpers import cli_translations, random_batch, random_model
 from seq2seq_diff import exported
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.exported import ExportedDecoding, aot_decoding, model_key
-from seq2seq_diff.quantize import quantize_int8
+from seq2seq_diff.quantize import Int8Linear, int8_rows, quantize_int8
 from seq2seq_diff.search import beam_search, greedy_search
 from seq2seq_diff.translator import Translator
 
@@ -78,6 +78,23 @@ def test_aot_searches_equal_eager(models):
     assert set(counting.calls) == {"start", "step", "beam3"}
     assert sorted(p.name for p in graphs.directory.iterdir()) == [
         "beam3.pt2", "start.pt2", "step.pt2"]
+
+
+def test_int8_aot_searches_equal_eager_int8(tmp_path):
+    """``--int8 --aot``: every linear layer int8 with activations quantised per row inside the
+    graphs, the same searches as the same model decoded eagerly."""
+    eager = int8_rows(random_model("standard", vocab=200, seed=3).float())
+    aot = aot_decoding(eager, "int8", cache_dir=tmp_path)
+    graphs = aot.decode.__self__
+    counting = graphs.runner = Counting(graphs)
+    for shape in BATCHES[:2]:
+        src = random_batch(**shape)
+        with torch.inference_mode():
+            got, want = searches(aot, src), searches(eager, src)
+        assert got[:2] == want[:2]
+        assert got[2] == pytest.approx(want[2], abs=1e-4)
+    assert graphs.failed is None and set(counting.calls) == {"start", "step", "beam3"}
+    assert model_key(aot, "int8") != model_key(aot, "none")
 
 
 @pytest.fixture(scope="module")
@@ -156,16 +173,14 @@ def test_translate_cli_aot_gives_the_same_lines(model_dir, tmp_path, english, mo
                                                                          "step.pt2"]
 
 
-def test_aot_with_int8_pack_compile_or_a_gpu_is_one_clear_error(model, tokenizer, model_dir,
-                                                                 capsys):
+def test_aot_with_pack_compile_or_a_gpu_is_one_clear_error(model, tokenizer, model_dir, capsys):
     from seq2seq_diff.cli import main
 
-    with pytest.raises(ConfigError, match="drop --aot or --int8"):
-        Translator(model, tokenizer, aot=True, quantize="int8")
+    int8 = Translator(model, tokenizer, aot=True, quantize="int8")  # int8 per row in the graphs
+    assert isinstance(int8.model.output_proj, Int8Linear)
     with pytest.raises(ConfigError, match="not cuda"):
         Translator(model, tokenizer, aot=True, device="cuda")
-    for flag, message in (("--int8", "drop --aot or --int8"),
-                          ("--pack", "drop --pack, or drop --aot"),
+    for flag, message in (("--pack", "drop --pack, or drop --aot"),
                           ("--compile", "not allowed with argument")):
         assert main(["translate", "--model", str(model_dir), "--aot", flag]) == 2
         err = capsys.readouterr().err.strip().splitlines()
