@@ -24,8 +24,9 @@ input-major (``seq2seq_diff.packed``; "as trained" rows: the training model itse
 row-major, on torch's default GEMM); with int8 dynamic quantisation (``translate --int8``);
 on CPUs with AVX512-BF16/AMX in bf16 (``translate --bf16``; HF's ``model.to(bfloat16)`` beside
 it); and with compiled decoding steps in float32 and bf16 (``translate --compile``; compiled
-during the untimed warm-up round) and with searches compiled ahead of time (``translate --aot``;
-built during the warm-up of a first run, loaded by later ones).
+during the untimed warm-up round) and with searches compiled ahead of time (``translate --aot``
+in float32, bf16 and int8 with activations quantised per row; built during the warm-up of a
+first run, loaded by later ones).
 """
 
 from __future__ import annotations
@@ -474,8 +475,10 @@ def main() -> None:
                 if bf16:
                     decoders[f"ours {kind} bf16 compiled"] = inference_model(
                         model, "cpu", "bf16", compile=True)
-            if args.aot:  # translate --aot [--bf16]; built or loaded in the untimed warm-up
+            if args.aot:  # translate --aot [--bf16|--int8]; built or loaded in the warm-up
                 decoders[f"ours {kind} aot"] = inference_model(model, "cpu", aot=True)
+                decoders[f"ours {kind} int8 aot"] = inference_model(model, "cpu", "int8",
+                                                                    aot=True)
                 if bf16:
                     decoders[f"ours {kind} bf16 aot"] = inference_model(model, "cpu", "bf16",
                                                                          aot=True)
