@@ -35,15 +35,16 @@ BOOK = ROOT / "data/en-ro/book/gimp-manual-heldout.en"
 
 
 PRECISIONS = ("none", "packed", "unpacked", "as-trained", "int8", "bf16", "compiled",
-              "bf16-compiled", "aot", "bf16-aot")
+              "bf16-compiled", "aot", "bf16-aot", "int8-aot")
 
 
 def build_translator(args, beam_size: int, precision: str = "none") -> Translator:
     """``precision``: none (float32 as translate runs it by default on this CPU), packed
     (``--pack``), unpacked (``--no-pack``: input-major weights on torch's GEMM), as-trained (the
     training model itself: unfused, row-major), int8, bf16, compiled (``--compile``),
-    bf16-compiled (``--bf16 --compile``), aot (``--aot``) or bf16-aot (``--bf16 --aot``; the
-    graphs built, or loaded from ``$SEQ2SEQ_DIFF_AOT_CACHE``, in the warm-up)."""
+    bf16-compiled (``--bf16 --compile``), aot (``--aot``), bf16-aot (``--bf16 --aot``) or
+    int8-aot (``--int8 --aot``; the graphs built, or loaded from ``$SEQ2SEQ_DIFF_AOT_CACHE``,
+    in the warm-up)."""
     quantize = precision.removesuffix("compiled").removesuffix("aot").strip("-")
     options = {"quantize": quantize if quantize in ("int8", "bf16") else "none",
                "pack": {"packed": True, "unpacked": False, "as-trained": False}.get(precision),
