@@ -28,10 +28,11 @@ it, and a call runs C++ with no guards. Like converting a model for CTranslate2,
 Each graph serves every number of rows and sources and every source length from 2 tokens up
 to a cap (``source_cap``: 100 for the encoder, where attention changes kernel with the length);
 the rest runs eagerly: sources of one token or longer than the cap, calls under autograd.
-float32 and bf16 (``--bf16``, autocast traced into the graph; its weights frozen into the graph
+float32, bf16 (``--bf16``, autocast traced into the graph; its weights frozen into the graph
 and inductor's own AMX GEMM kernels timed against oneDNN's, as ``compiled`` does for greedy
-steps) on the CPU. If building fails (no C++ compiler, an unsupported op), decoding warns once
-and goes on eagerly: the same results.
+steps) and int8 (``--int8``: ``quantize.int8_rows``, each product's activations quantised per
+row inside the graph, products by ``torch._int_mm``) on the CPU. If building fails (no C++
+compiler, an unsupported op), decoding warns once and goes on eagerly: the same results.
 """
 
 from __future__ import annotations
@@ -421,10 +422,11 @@ def _empty_buffers(selfs, cross, capacity: int) -> None:
 
 def aot_decoding(model: Seq2SeqTransformer, precision: str = "none",
                  cache_dir: str | Path | None = None) -> Seq2SeqTransformer:
-    """An inference copy of ``model`` (float32 or bf16 weights, CPU) whose searches run
-    ahead-of-time compiled graphs, built on first use into ``cache_dir`` (default
-    ``default_cache_dir()``) and reused by every later process (module docstring).
-    ``precision``: "none" or "bf16", as the model was prepared (``apply_quantization``)."""
+    """An inference copy of ``model`` (float32 or bf16 weights, or ``quantize.Int8Linear``
+    layers; CPU) whose searches run ahead-of-time compiled graphs, built on first use into
+    ``cache_dir`` (default ``default_cache_dir()``) and reused by every later process (module
+    docstring). ``precision``: "none", "bf16" or "int8", as the model was prepared
+    (``apply_quantization``; ``int8_rows`` for "int8")."""
     check_plain(model, "aot_decoding")
     model = model.inference_copy()
     if model.embed.weight.device.type != "cpu":
