@@ -29,6 +29,7 @@ function.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -124,16 +125,18 @@ def store_input_major(model: nn.Module) -> nn.Module:
     return model
 
 
-def pack_linears(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
-    """A float32 CPU copy of ``model`` for inference with every linear layer a ``PackedLinear``."""
+def with_linears(model: Seq2SeqTransformer,
+                 make: Callable[[nn.Linear], nn.Module]) -> Seq2SeqTransformer:
+    """A CPU inference copy of ``model`` (``inference_copy``: projections fused, the output
+    projection untied) with every ``nn.Linear`` layer replaced by ``make(layer)``."""
     model = model.inference_copy().cpu()
-
-    def swap(module: nn.Module) -> None:
+    for module in list(model.modules()):
         for name, child in module.named_children():
             if isinstance(child, nn.Linear):
-                setattr(module, name, PackedLinear(child))
-            else:
-                swap(child)
-
-    swap(model)
+                setattr(module, name, make(child))
     return model
+
+
+def pack_linears(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
+    """A float32 CPU copy of ``model`` for inference with every linear layer a ``PackedLinear``."""
+    return with_linears(model, PackedLinear)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.model import Seq2SeqTransformer
+from seq2seq_diff.packed import with_linears
 
 QUANTIZE_CHOICES = ("none", "int8", "bf16")
 INT8_LEVELS = 127  # symmetric int8: -127..127
@@ -112,12 +113,7 @@ def quantize_int8(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
 def int8_rows(model: Seq2SeqTransformer) -> Seq2SeqTransformer:
     """A copy of ``model`` whose linear layers are ``Int8Linear`` (CPU; for compiled decoding,
     ``exported.aot_decoding(model, "int8")``)."""
-    model = model.inference_copy().cpu()
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
-    return model
+    return with_linears(model, Int8Linear)
 
 
 @torch.no_grad()

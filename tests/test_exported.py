@@ -64,11 +64,11 @@ def models(tmp_path_factory):
     return eager, aot_decoding(eager, cache_dir=directory), directory
 
 
-def test_aot_searches_equal_eager(models):
-    eager, aot = models[:2]
+def assert_searches_equal(aot, eager, batches) -> ExportedDecoding:
+    """``aot``'s searches of ``batches`` give ``eager``'s, every graph serving some; -> them."""
     graphs = aot.decode.__self__
     counting = graphs.runner = Counting(graphs)
-    for shape in BATCHES:
+    for shape in batches:
         src = random_batch(**shape)
         with torch.inference_mode():
             got, want = searches(aot, src), searches(eager, src)
@@ -76,6 +76,12 @@ def test_aot_searches_equal_eager(models):
         assert got[2] == pytest.approx(want[2], abs=1e-4)
     assert graphs.failed is None
     assert set(counting.calls) == {"start", "step", "beam3"}
+    return graphs
+
+
+def test_aot_searches_equal_eager(models):
+    eager, aot = models[:2]
+    graphs = assert_searches_equal(aot, eager, BATCHES)
     assert sorted(p.name for p in graphs.directory.iterdir()) == [
         "beam3.pt2", "start.pt2", "step.pt2"]
 
@@ -85,15 +91,7 @@ def test_int8_aot_searches_equal_eager_int8(tmp_path):
     graphs, the same searches as the same model decoded eagerly."""
     eager = int8_rows(random_model("standard", vocab=200, seed=3).float())
     aot = aot_decoding(eager, "int8", cache_dir=tmp_path)
-    graphs = aot.decode.__self__
-    counting = graphs.runner = Counting(graphs)
-    for shape in BATCHES[:2]:
-        src = random_batch(**shape)
-        with torch.inference_mode():
-            got, want = searches(aot, src), searches(eager, src)
-        assert got[:2] == want[:2]
-        assert got[2] == pytest.approx(want[2], abs=1e-4)
-    assert graphs.failed is None and set(counting.calls) == {"start", "step", "beam3"}
+    assert_searches_equal(aot, eager, BATCHES[:2])
     assert model_key(aot, "int8") != model_key(aot, "none")
 
 
