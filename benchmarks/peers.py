@@ -6,9 +6,10 @@ run interleaved: medians over ``--repeats`` timed runs after a warm-up. Ours and
 process; each CTranslate2 engine runs in a child process that this one drives in turn (its
 bundled OpenMP and oneDNN, run beside torch, changed our engines' speed). Printed: training
 tokens/s (source + target, forward + backward + a fused AdamW step, what HF's Trainer and ours
-run) and decoding output tokens/s (greedy and beam), each with its ratio to HF. Peers come with
-``pip install -e .[bench]`` (transformers, ctranslate2); an engine whose package is missing is
-skipped.
+run; ours through oneDNN where ``cpu_gemm: auto`` takes it, and then with torch's GEMM beside,
+"mkl" rows) and decoding output tokens/s (greedy and beam), each with its ratio to HF. Peers
+come with ``pip install -e .[bench]`` (transformers, ctranslate2); an engine whose package is
+missing is skipped.
 
 Our SwiGLU feed-forward has three matrices, HF's ReLU/SiLU two: ``--ffn-dim`` is HF's width and
 ours is 2/3 of it (rounded up to 8), so the parameters and FLOPs match.
@@ -49,6 +50,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without `pip install -e .`
 
 from seq2seq_diff.loss import smoothed_cross_entropy  # noqa: E402
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer  # noqa: E402
+from seq2seq_diff.onednn import pays, use_onednn  # noqa: E402
 from seq2seq_diff.quantize import cpu_bf16_native, precision_context  # noqa: E402
 from seq2seq_diff.search import beam_search, greedy_search  # noqa: E402
 from seq2seq_diff.translator import inference_model  # noqa: E402
@@ -438,9 +440,13 @@ def main() -> None:
           f"tokens, {args.out_len} output tokens; {args.threads} threads, {args.device} "
           f"{args.dtype}; torch {torch.__version__}")
     print("parameters: " + ", ".join(f"{n} {p / 1e6:.2f}M" for n, p in params.items()))
-    if args.train:
-        fns = {name: train_step_fn(name if name == "hf" else "ours", m, args)
+    if args.train:  # ours as the trainer runs it: through oneDNN where it pays (model.cpu_gemm)
+        fns = {name: train_step_fn("hf", m, args) if name == "hf" else
+               train_step_fn("ours", use_onednn(copy.deepcopy(m), pays()), args)
                for name, m in models.items()}
+        if pays() and args.device == "cpu":  # and with torch's GEMM (model.cpu_gemm: mkl)
+            fns.update({f"{name} mkl": train_step_fn("ours", copy.deepcopy(m), args)
+                        for name, m in models.items() if name != "hf"})
         race("training", fns, args.batch * (args.src_len + args.out_len), "tokens/s", args)
     if not args.decode:
         return

@@ -17,6 +17,7 @@ from seq2seq_diff.attention import ATTENTION_KINDS, KVCache, RotaryEmbedding
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.layers import DecoderLayer, EncoderLayer
 from seq2seq_diff.norm_dropout import Dropout, RMSNorm
+from seq2seq_diff.onednn import linear, use_onednn
 from seq2seq_diff.selection import best_extensions
 
 
@@ -217,6 +218,7 @@ class Seq2SeqTransformer(nn.Module):
         self.encoder_norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.decoder_norm = RMSNorm(c.d_model, eps=c.norm_eps)
         self.output_proj = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, False)
+        self.onednn = False  # the tied projection through oneDNN (seq2seq_diff.onednn.use_onednn)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -315,7 +317,7 @@ class Seq2SeqTransformer(nn.Module):
     def inference_copy(self) -> Seq2SeqTransformer:
         """A copy in eval mode, output projection untied and projections fused: what the int8,
         bf16 and oneDNN-packed variants start from before converting its linear layers."""
-        model = copy.deepcopy(self).eval()
+        model = use_onednn(copy.deepcopy(self).eval(), False)
         model.untie_output()
         model.fuse_projections()
         return model
@@ -343,6 +345,8 @@ class Seq2SeqTransformer(nn.Module):
         """Vocabulary logits (..., V) of decoder states (..., E)."""
         if self.output_proj is not None:  # untied, or quantised (seq2seq_diff.quantize)
             return self.output_proj(states)
+        if self.onednn:
+            return linear(states, self.embed.weight)
         return states @ self.embed.weight.t()
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from seq2seq_diff.model import Seq2SeqTransformer
+from seq2seq_diff.onednn import faster_than_mkl
 
 # oneDNN picks the blocked layout for an expected number of rows; every hint from 32 rows up gave
 # the same speed for 32 to 960 rows (decoding steps to encoder batches), a hint of 1 was slower.
@@ -52,24 +53,11 @@ def packing_available() -> bool:
         return False
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...); "" if
-    unknown (another OS, or an architecture without the field)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
-
-
 @functools.cache
 def packing_pays() -> bool:
     """Whether ``Translator`` packs float32 CPU weights by default: where packing is available
     and MKL, torch's default GEMM, does not take its AVX-512 path (Intel CPUs; see above)."""
-    return packing_available() and cpu_vendor() != "GenuineIntel"
+    return packing_available() and faster_than_mkl()
 
 
 class PackedLinear(nn.Module):

@@ -302,11 +302,15 @@ def test_a_model_with_nan_weights_is_never_written(tmp_path, data):
 def test_compiled_loss_equals_eager_loss_and_gradients():
     """model.compile: the torch.compile'd encoder/decoder gives the eager loss and gradients,
     dropout included: one graph (the CPU dropout mask is an op the graph calls, not a break),
-    and the same seed draws the same masks in the same order."""
+    and the same seed draws the same masks in the same order. Eager on torch's products, the
+    compiled graph calling oneDNN's (seq2seq_diff.onednn) where this build has it."""
     from torch._dynamo.utils import counters
 
-    eager = TranslationModule(tiny_config(300, dropout=0.3), warmup_steps=1)
-    compiled = TranslationModule(tiny_config(300, dropout=0.3), warmup_steps=1, compile=True)
+    from seq2seq_diff import onednn
+
+    eager = TranslationModule(tiny_config(300, dropout=0.3), warmup_steps=1, cpu_gemm="mkl")
+    compiled = TranslationModule(tiny_config(300, dropout=0.3), warmup_steps=1, compile=True,
+                                 cpu_gemm="onednn" if onednn.available() else "mkl")
     compiled.load_state_dict(eager.state_dict())
     batch = _batch(extra_pad=2)
     breaks = sum(counters["graph_break"].values())

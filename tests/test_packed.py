@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from seq2seq_diff import onednn
 from seq2seq_diff import packed as packed_module
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
 from seq2seq_diff.packed import PackedLinear, pack_linears, packing_available, packing_pays
@@ -106,7 +107,7 @@ def test_translator_packs_float32_cpu_models_when_told_or_where_it_pays(model_di
 
 def test_packing_pays_except_where_mkl_takes_its_avx512_path(monkeypatch):
     for vendor, pays in (("GenuineIntel", False), ("AuthenticAMD", True), ("", True)):
-        monkeypatch.setattr(packed_module, "cpu_vendor", lambda vendor=vendor: vendor)
+        monkeypatch.setattr(onednn, "cpu_vendor", lambda vendor=vendor: vendor)
         packed_module.packing_pays.cache_clear()
         assert packed_module.packing_pays() is pays
     packed_module.packing_pays.cache_clear()
