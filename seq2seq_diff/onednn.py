@@ -84,7 +84,7 @@ def use_onednn(model: nn.Module, enabled: bool = True) -> nn.Module:
     plain ``nn.Linear`` again, and so does each ``Seq2SeqTransformer``'s tied output projection
     (its ``onednn`` flag). Returns ``model``."""
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if type(module) in (nn.Linear, OneDNNLinear):  # not other subclasses
             module.__class__ = OneDNNLinear if enabled else nn.Linear
         if hasattr(module, "onednn"):
             module.onednn = enabled
