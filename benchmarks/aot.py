@@ -1,8 +1,10 @@
 """Searches compiled ahead of time (``translate --aot``) against ``torch.compile`` (``--compile``).
 
 The same model (random weights, ``peers.py``'s dimensions and batch) decoded as ``translate``
-runs it eagerly, with compiled steps and with AOTInductor graphs (``seq2seq_diff.exported``),
-interleaved in one process (medians and minima, as ``layout.py``); prints whether they give
+runs it eagerly (weights oneDNN-packed where that pays), with compiled steps and with AOTInductor
+graphs (``seq2seq_diff.exported``; where their float32 products go through oneDNN, also with
+MKL's: "aot, mkl"), interleaved in one process (medians and minima, as ``layout.py``); prints
+whether they give
 the same tokens, and what each costs before its first search: compiling (torch.compile, in every
 process), building the graphs (AOT, once per model) and loading them (AOT, every later process).
 The AOT graphs are kept in a temporary directory unless ``--cache-dir`` names one.
@@ -28,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from layout import race_variants, variant_parser  # noqa: E402
 from peers import decode_fn, ours  # noqa: E402
 
-from seq2seq_diff.exported import aot_decoding  # noqa: E402
+from seq2seq_diff.exported import aot_decoding, through_onednn  # noqa: E402
 from seq2seq_diff.translator import inference_model  # noqa: E402
 
 
@@ -44,15 +46,20 @@ def variants(kind: str, precision: str, args, cache_dir: Path) -> dict[str, torc
     each timed through its first searches; the AOT graphs loaded again as a new run would."""
     quantize = "bf16" if precision == "bf16" else "none"
     model = ours(kind, args)
-    built = {"eager": inference_model(model, "cpu", quantize, pack=False),
+    plain = inference_model(model, "cpu", quantize, pack=False)
+    built = {"eager": inference_model(model, "cpu", quantize),  # packed where packing pays
              "compiled": inference_model(model, "cpu", quantize, compile=True)}
-    aot = aot_decoding(built["eager"], quantize, cache_dir)
-    for name, variant in (("compiled", built["compiled"]), ("aot, building", aot)):
+    aot = aot_decoding(plain, quantize, cache_dir)
+    building = [("compiled", built["compiled"]), ("aot, building", aot)]
+    if through_onednn(aot):  # the graphs' products through oneDNN: against MKL's too
+        built["aot, mkl"] = aot_decoding(plain, quantize, cache_dir, onednn=False)
+        building.append(("aot, mkl, building", built["aot, mkl"]))
+    for name, variant in building:
         spent = [first_search(variant, args, beam, precision) for beam in args.beams]
         print(f"    {kind} {precision}, {name}: first searches "
               + ", ".join(f"{s:.1f} s" for s in spent), flush=True)
     began = time.perf_counter()
-    built["aot"] = aot_decoding(built["eager"], quantize, cache_dir)  # as a later run does
+    built["aot"] = aot_decoding(plain, quantize, cache_dir)  # as a later run does
     loading = [first_search(built["aot"], args, beam, precision) for beam in args.beams]
     print(f"    {kind} {precision}, aot, loading: {time.perf_counter() - began:.1f} s to the "
           f"end of the first searches ({', '.join(f'{s:.2f} s' for s in loading)})", flush=True)

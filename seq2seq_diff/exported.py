@@ -55,6 +55,7 @@ from seq2seq_diff import __version__
 from seq2seq_diff.attention import FIRST_CAPACITY
 from seq2seq_diff.compiled import FROZEN, check_plain, first_line
 from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
+from seq2seq_diff.onednn import OneDNNLinear, pays, use_onednn
 from seq2seq_diff.quantize import precision_context
 from seq2seq_diff.selection import beam_candidates, best_extensions
 
@@ -67,7 +68,7 @@ MAX_ROWS, MAX_SOURCE, MAX_POSITIONS = 1 << 16, 1 << 13, 1 << 13
 
 # Modules whose code the graphs are made of: a change to any of them makes new packages.
 _CODE_FILES = ("model.py", "attention.py", "layers.py", "norm_dropout.py", "selection.py",
-               "quantize.py", "exported.py")
+               "quantize.py", "onednn.py", "exported.py")
 
 
 def default_cache_dir() -> Path:
@@ -84,7 +85,7 @@ def model_key(model: Seq2SeqTransformer, precision: str) -> str:
     here = Path(__file__).parent
     for name in _CODE_FILES:
         digest.update((here / name).read_bytes())
-    digest.update(json.dumps([__version__, torch.__version__, precision,
+    digest.update(json.dumps([__version__, torch.__version__, precision, through_onednn(model),
                               torch.backends.cpu.get_cpu_capability(),
                               model.config.to_dict()], default=str).encode())
     for name, tensor in model.state_dict().items():
@@ -420,17 +421,36 @@ def _empty_buffers(selfs, cross, capacity: int) -> None:
         c._length = 0
 
 
+def through_onednn(model: nn.Module) -> bool:
+    """Whether ``model``'s linear layers compute through oneDNN (``onednn.use_onednn``)."""
+    return any(isinstance(module, OneDNNLinear) for module in model.modules())
+
+
 def aot_decoding(model: Seq2SeqTransformer, precision: str = "none",
-                 cache_dir: str | Path | None = None) -> Seq2SeqTransformer:
+                 cache_dir: str | Path | None = None,
+                 onednn: bool | None = None) -> Seq2SeqTransformer:
     """An inference copy of ``model`` (float32 or bf16 weights, or ``quantize.Int8Linear``
     layers; CPU) whose searches run ahead-of-time compiled graphs, built on first use into
     ``cache_dir`` (default ``default_cache_dir()``) and reused by every later process (module
     docstring). ``precision``: "none", "bf16" or "int8", as the model was prepared
-    (``apply_quantization``; ``int8_rows`` for "int8")."""
+    (``apply_quantization``; ``int8_rows`` for "int8"). ``onednn``: float32 products through
+    oneDNN's linear op on the plain weights (``seq2seq_diff.onednn``), in the graphs and in the
+    steps that run eagerly; None: where ``onednn.pays()`` (CPUs other than Intel's, where MKL,
+    which inductor's graphs call otherwise, runs AVX2 code)."""
     check_plain(model, "aot_decoding")
     model = model.inference_copy()
     if model.embed.weight.device.type != "cpu":
         raise ValueError("ahead-of-time compiled decoding runs on the CPU")
+    if onednn is None:
+        onednn = precision == "none" and pays()
+    if onednn:
+        if precision != "none" or model.embed.weight.dtype != torch.float32:
+            raise ValueError("oneDNN products in the graphs are for float32 weights")
+        with torch.no_grad():  # oneDNN and inductor take row-major weights (not input-major)
+            for module in model.modules():
+                if isinstance(module, nn.Linear) and not module.weight.is_contiguous():
+                    module.weight = nn.Parameter(module.weight.contiguous(), requires_grad=False)
+        use_onednn(model)
     graphs = ExportedDecoding(model, precision,
                               Path(cache_dir) if cache_dir is not None else default_cache_dir())
     model.start_cache = graphs.start_cache

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import cli_translations, random_batch, random_model
 
-from seq2seq_diff import exported
+from seq2seq_diff import exported, onednn
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.exported import ExportedDecoding, aot_decoding, model_key
 from seq2seq_diff.quantize import Int8Linear, int8_rows, quantize_int8
@@ -58,10 +58,13 @@ class Counting:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """(eager float32 random DIFF model, its AOT copy, the graphs' directory)."""
+    """(eager float32 random DIFF model, its AOT copy, the graphs' directory): products through
+    oneDNN in the graphs where this torch has it (the default on CPUs other than Intel's)."""
     eager = random_model("diff", vocab=200).float()  # beam 3 graph: the choice by blocks
     directory = tmp_path_factory.mktemp("aot")
-    return eager, aot_decoding(eager, cache_dir=directory), directory
+    aot = aot_decoding(eager, cache_dir=directory, onednn=onednn.available())
+    assert exported.through_onednn(aot) == onednn.available()
+    return eager, aot, directory
 
 
 def assert_searches_equal(aot, eager, batches) -> ExportedDecoding:
@@ -97,9 +100,12 @@ def test_int8_aot_searches_equal_eager_int8(tmp_path):
 
 @pytest.fixture(scope="module")
 def standard(tmp_path_factory):
-    """(eager float32 random standard-attention model, its AOT copy)."""
+    """(eager float32 random standard-attention model, its AOT copy): torch's own products
+    (MKL's; the default on Intel CPUs)."""
     eager = random_model("standard", seed=2).float()
-    return eager, aot_decoding(eager, cache_dir=tmp_path_factory.mktemp("aot-standard"))
+    aot = aot_decoding(eager, cache_dir=tmp_path_factory.mktemp("aot-standard"), onednn=False)
+    assert not exported.through_onednn(aot)
+    return eager, aot
 
 
 @pytest.mark.parametrize("kind", ["diff", "standard"])
@@ -137,6 +143,8 @@ def test_packages_are_reused_by_a_later_run_and_keyed_by_the_weights(models, mon
     other = random_model("diff", seed=1).float().inference_copy()
     assert model_key(other, "none") != model_key(aot, "none")
     assert model_key(aot, "bf16") != model_key(aot, "none")
+    plain = eager.inference_copy()  # the same weights, products through oneDNN or not
+    assert model_key(plain, "none") != model_key(onednn.use_onednn(eager.inference_copy()), "none")
 
 
 def test_failed_build_warns_once_and_decodes_eagerly(tmp_path, monkeypatch, caplog):

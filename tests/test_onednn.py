@@ -44,14 +44,25 @@ def test_op_equals_f_linear_with_gradients(strided):
         x = x.transpose(1, 2).contiguous()
     grad = torch.randn(3, 7, 24)
     results = []
-    for fn in (F.linear, onednn_linear):
+    for fn in (F.linear, onednn_linear, onednn.linear):  # (linear: the eager autograd.Function)
         a, w = x.clone().requires_grad_(), weight.clone().requires_grad_()
         out = fn(a, w)
         out.backward(grad)
         results.append((out.detach(), a.grad, w.grad))
+    for result in results[1:]:
+        for ours, torch_ in zip(result, results[0], strict=True):
+            assert ours.shape == torch_.shape
+            torch.testing.assert_close(ours, torch_, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_layer_has_a_double_backward():
+    x, weight = torch.randn(5, 6, requires_grad=True), torch.randn(4, 6, requires_grad=True)
+    results = []
+    for fn in (F.linear, onednn.linear):
+        grads = torch.autograd.grad((fn(x, weight) ** 2).sum(), (x, weight), create_graph=True)
+        results.append(torch.autograd.grad(sum(g.square().sum() for g in grads), (x, weight)))
     for ours, torch_ in zip(results[1], results[0], strict=True):
-        assert ours.shape == torch_.shape
-        torch.testing.assert_close(ours, torch_, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours, torch_, rtol=1e-4, atol=1e-4)
 
 
 def test_op_passes_torch_library_checks():
@@ -75,6 +86,24 @@ def test_model_through_onednn_gives_the_same_logits_and_gradients(kind, tie):
         (out * weights).sum().backward()
     for (name, p), q in zip(plain.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_without_autograd_the_layer_calls_onednn_directly(monkeypatch):
+    """No grad (validation, decoding, a graph being exported): oneDNN's own op, the bias fused,
+    not the custom op with its autograd; the same values."""
+    layer = use_onednn(nn.Linear(16, 8, bias=True))
+    x = torch.randn(2, 5, 16)
+    want = F.linear(x, layer.weight, layer.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), want)
+    monkeypatch.setattr(onednn, "onednn_linear", None)  # would fail if called
+    monkeypatch.setattr(onednn, "_EagerLinear", None)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+    with pytest.raises(AttributeError):
+        layer(x)
 
 
 def test_switching_back_and_inference_copies_are_plain():
