@@ -4,9 +4,9 @@ The same model (random weights, ``peers.py``'s dimensions and batch) decoded as 
 runs it eagerly (weights oneDNN-packed where that pays), with compiled steps and with AOTInductor
 graphs (``seq2seq_diff.exported``; where their float32 products go through oneDNN, also with
 MKL's: "aot, mkl"), interleaved in one process (medians and minima, as ``layout.py``); prints
-whether they give
-the same tokens, and what each costs before its first search: compiling (torch.compile, in every
-process), building the graphs (AOT, once per model) and loading them (AOT, every later process).
+whether they give the same tokens, and what each costs before its first search: compiling
+(torch.compile, in every process), building the graphs (AOT, once per model) and loading them
+(AOT, every later process).
 The AOT graphs are kept in a temporary directory unless ``--cache-dir`` names one.
 
     python benchmarks/aot.py                                      # d_model 256, bf16, greedy
