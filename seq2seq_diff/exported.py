@@ -28,7 +28,9 @@ it, and a call runs C++ with no guards. Like converting a model for CTranslate2,
 Each graph serves every number of rows and sources and every source length from 2 tokens up
 to a cap (``source_cap``: 100 for the encoder, where attention changes kernel with the length);
 the rest runs eagerly: sources of one token or longer than the cap, calls under autograd.
-float32, bf16 (``--bf16``, autocast traced into the graph; its weights frozen into the graph
+float32 (its linear layers through oneDNN's op on the plain weights, ``onednn.use_onednn``, on
+CPUs other than Intel's: inductor's graphs call MKL otherwise, which runs AVX2 code there),
+bf16 (``--bf16``, autocast traced into the graph; its weights frozen into the graph
 and inductor's own AMX GEMM kernels timed against oneDNN's, as ``compiled`` does for greedy
 steps) and int8 (``--int8``: ``quantize.int8_rows``, each product's activations quantised per
 row inside the graph, products by ``torch._int_mm``) on the CPU. If building fails (no C++

@@ -149,7 +149,7 @@ class TranslationModule(L.LightningModule):
         cpu_gemm: who computes the float32 CPU products of the linear layers: ``mkl`` (torch's
             default), ``onednn`` (``seq2seq_diff.onednn``: on a 2-core AMD EPYC, Zen 5, the
             benchmark's float32 training step at 1.15-1.56x the tokens/s eagerly, 1.21-1.45x
-            compiled; whole command-line runs level, BENCHMARKS.md) or
+            compiled; whole command-line tiny-enro runs 1.11-1.22x, BENCHMARKS.md) or
             ``auto``: oneDNN except on Intel CPUs, where MKL takes its AVX-512 path. bf16,
             autocast and GPU products are torch's own either way.
     """

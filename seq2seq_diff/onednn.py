@@ -9,13 +9,17 @@ and both gradients (BENCHMARKS.md, eighteenth session). In float32 those product
 quarters of a training step.
 
 ``use_onednn(model)`` makes every ``nn.Linear`` of a model, and its tied output projection,
-compute through the custom op ``seq2seq_diff::onednn_linear`` (``x @ weight.T``, autograd
-included, opaque to ``torch.compile``, which calls it from the compiled graph). The same
-function in float32, up to the GEMM's summation order; the weights and the state dict are
-untouched. Anything but a float32 CPU product outside autocast (bf16, a GPU) falls back to
-``F.linear``. ``TranslationModule`` (``model.cpu_gemm``) turns it on for float32 training on
-CPUs where ``faster_than_mkl``; inference copies are plain again (``Seq2SeqTransformer``'s
-``inference_copy``), and ``translate`` has its own oneDNN route (``seq2seq_diff.packed``).
+compute through oneDNN's linear op on the plain weight: under ``torch.compile`` through the
+custom op ``seq2seq_diff::onednn_linear`` (``x @ weight.T``, autograd included, opaque to the
+compiler, which calls it from the compiled graph), eagerly through an ``autograd.Function``
+with the same gradients (no custom-op dispatch), and without autograd through oneDNN's op
+itself, the bias fused (what ``torch.export`` traces). The same function in float32, up to the
+GEMM's summation order; the weights and the state dict are untouched. Anything but a float32
+CPU product outside autocast (bf16, a GPU) falls back to ``F.linear``. ``TranslationModule``
+(``model.cpu_gemm``) turns it on for float32 training on CPUs where ``faster_than_mkl``;
+inference copies are plain again (``Seq2SeqTransformer``'s ``inference_copy``). ``translate``
+packs weights for eager decoding instead (``seq2seq_diff.packed``), and ``translate --aot``
+switches its float32 graphs' layers to this route (``seq2seq_diff.exported``).
 """
 
 from __future__ import annotations
