@@ -417,12 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--bf16", action="store_true",
                            help="bf16 weights and matrix products, float32 norms and scores "
                                 "(GPUs; CPUs with AVX512-BF16 or AMX)")
-    precision.add_argument("--pack", dest="pack", action="store_true",
-                           help="float32 on a CPU: pack the linear weights for oneDNN (the same "
-                                "function; by default only where it pays: not on Intel CPUs, "
-                                "whose MKL is faster unpacked)")
-    precision.add_argument("--no-pack", dest="pack", action="store_false",
-                           help="float32 on a CPU: keep torch's default GEMM, unpacked")
+    packing = parser.add_mutually_exclusive_group()
+    packing.add_argument("--pack", dest="pack", action="store_true",
+                         help="float32 or --bf16 on a CPU: pack the linear weights for oneDNN "
+                              "(the same function; by default only where it pays: not on Intel "
+                              "CPUs, whose MKL is faster unpacked)")
+    packing.add_argument("--no-pack", dest="pack", action="store_false",
+                         help="float32 or --bf16 on a CPU: keep torch's default GEMM, unpacked")
     compiling = parser.add_mutually_exclusive_group()
     compiling.add_argument("--compile", action="store_true",
                            help="compile the decoding step with torch.compile (float32 or "

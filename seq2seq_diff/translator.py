@@ -159,8 +159,8 @@ def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
     every other setting decodes a copy and leaves the caller's model as it is.
 
     * ``quantize`` "int8" or "bf16": a converted copy (``seq2seq_diff.quantize``).
-    * float32 on a CPU: oneDNN-packed weights where packing pays on this CPU, or with
-      ``pack=True`` (``packed.pack_linears``).
+    * float32 or bf16 on a CPU, decoded eagerly: oneDNN-packed weights where packing pays on
+      this CPU, or with ``pack=True`` (``packed.pack_linears``).
     * float32 or bf16 on a CPU otherwise: an inference copy (projections fused) with its linear
       weights stored input-major (``packed.store_input_major``).
     * ``compile``: then its decoding steps compiled (``compiled.compile_decoding``);
@@ -177,12 +177,14 @@ def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
     if aot and device.type != "cpu":
         raise ConfigError(f"--aot compiles decoding for the CPU, not {device}: drop it, or "
                           "use --compile")
-    if pack and (compile or aot or quantize != "none"):
-        raise ConfigError("oneDNN packing is for eager float32 decoding: drop --pack, or "
-                          f"drop {flag if compile or aot else '--' + quantize}")
+    if pack and (compile or aot or quantize == "int8"):
+        raise ConfigError("oneDNN packing is for eager float32 or bf16 decoding: drop --pack, "
+                          f"or drop {flag if compile or aot else '--int8'}")
     if quantize == "int8" and device.type != "cpu":
         raise ConfigError(f"int8 quantisation runs on the CPU only, not on {device}")
     cpu = device.type == "cpu"
+    packs = (cpu and pack is not False and not (compile or aot)  # eager float32 or bf16
+             and (pack or packing_pays()))
     if aot and quantize == "int8":  # int8 per row inside the graphs
         from seq2seq_diff.quantize import int8_rows
 
@@ -191,8 +193,9 @@ def inference_model(model: Seq2SeqTransformer, device: str | torch.device,
         from seq2seq_diff.quantize import apply_quantization
 
         model = apply_quantization(model, quantize)  # ConfigError for an unknown mode
-    elif (cpu and model.embed.weight.dtype == torch.float32 and pack is not False
-          and not (compile or aot) and packing_available() and (pack or packing_pays())):
+        if quantize == "bf16" and packs and packing_available(torch.bfloat16):
+            return pack_linears(model).to(device).eval()
+    elif packs and model.embed.weight.dtype == torch.float32 and packing_available():
         return pack_linears(model).to(device).eval()
     elif cpu:
         model = model.inference_copy()
@@ -235,12 +238,13 @@ class Translator:
         device: Where the model runs.
         quantize: "none" (float32), "int8" (dynamic int8 linear layers, CPU) or "bf16" (bf16
             weights under autocast; CPUs with AVX512-BF16/AMX, GPUs): ``seq2seq_diff.quantize``.
-        pack: Whether a float32 model on the CPU runs with its linear weights packed into
-            oneDNN's blocked layout (``seq2seq_diff.packed``: the same function, 1.1-1.4×
-            faster decoding on AMD EPYC, slower on Intel Xeon); None (default): where it pays
-            on this CPU (``packed.packing_pays``). False keeps torch's default GEMM, on weights
-            stored input-major (``inference_model``). True with ``compile`` or a
-            ``quantize`` mode is a ``ConfigError``.
+        pack: Whether a float32 or bf16 model on the CPU runs with its linear weights packed
+            into oneDNN's blocked layout (``seq2seq_diff.packed``: the same function, 1.1-1.4×
+            faster decoding on AMD EPYC, slower on Intel Xeon in float32; bf16 1.04-1.25× on
+            AMD EPYC); None (default): where it pays on this CPU (``packed.packing_pays``).
+            False keeps torch's default GEMM, on weights stored input-major
+            (``inference_model``). True with ``compile``, ``aot`` or int8 is a
+            ``ConfigError``.
         compile: Run the decoding steps through ``torch.compile`` (``seq2seq_diff.compiled``:
             float32 or bf16, not int8; torch's GEMM on input-major weights, unpacked): tens of
             seconds to compile once per search kind, then faster steps; for long inputs.

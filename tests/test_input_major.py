@@ -55,9 +55,9 @@ def test_input_major_weights_compute_the_same_function_and_searches(attention):
 
 
 def test_inference_model_for_each_setting(model, monkeypatch):
-    """float32 on a CPU: packed where packing pays, else input-major; bf16 input-major too;
-    int8 quantised; the caller's model untouched; --pack beside --compile or a precision is
-    an error, not silently ignored."""
+    """float32 on a CPU: packed where packing pays, else input-major; bf16 unpacked input-major
+    too; int8 quantised; the caller's model untouched; --pack beside --compile, --aot or int8
+    is an error, not silently ignored."""
     before = {name: p.clone() for name, p in model.state_dict().items()}
     for pays in (False, True):
         monkeypatch.setattr(packed_module, "packing_pays", lambda pays=pays: pays)
@@ -68,12 +68,12 @@ def test_inference_model_for_each_setting(model, monkeypatch):
         assert packed or input_major(default)
     plain = inference_model(model, "cpu", pack=False)
     assert input_major(plain) and plain.decoder_layers[0].self_attn.qkv_proj is not None
-    bf16 = inference_model(model, "cpu", quantize="bf16")
+    bf16 = inference_model(model, "cpu", quantize="bf16", pack=False)
     assert input_major(bf16) and {m.weight.dtype for m in linears(bf16)} == {torch.bfloat16}
     int8 = inference_model(model, "cpu", quantize="int8")
     assert not linears(int8)  # every linear layer quantised
     assert all(not m.training for m in (default, plain, bf16, int8))
-    for options, drop in ((dict(compile=True), "--compile"), (dict(quantize="bf16"), "--bf16"),
+    for options, drop in ((dict(compile=True), "--compile"), (dict(aot=True), "--aot"),
                           (dict(quantize="int8"), "--int8")):
         with pytest.raises(ConfigError, match=f"drop --pack, or drop {drop}"):
             inference_model(model, "cpu", pack=True, **options)

@@ -13,7 +13,7 @@ from seq2seq_diff import onednn
 from seq2seq_diff import packed as packed_module
 from seq2seq_diff.model import ModelConfig, Seq2SeqTransformer
 from seq2seq_diff.packed import PackedLinear, pack_linears, packing_available, packing_pays
-from seq2seq_diff.quantize import quantize_int8
+from seq2seq_diff.quantize import precision_context, quantize_int8, to_bf16
 from seq2seq_diff.search import beam_search, greedy_search
 from seq2seq_diff.translator import Translator
 
@@ -40,7 +40,7 @@ def test_packed_linear_equals_nn_linear(bias):
     plain = packed.unpacked()
     assert torch.equal(plain.weight, linear.weight)
     assert bias == (plain.bias is not None) and (not bias or torch.equal(plain.bias, linear.bias))
-    with pytest.raises(ValueError, match="float32 CPU"):
+    with pytest.raises(ValueError, match="float32 or bfloat16 CPU"):
         PackedLinear(nn.Linear(4, 4).double())
 
 
@@ -90,11 +90,44 @@ def test_a_copy_of_a_packed_model_is_plain_so_int8_still_quantises_it():
     assert sum(isinstance(m, dynamic) for m in quantized.modules()) == 2 * 4 + 2 * 8 + 1
 
 
+bf16_packing = pytest.mark.skipif(not packing_available(torch.bfloat16),
+                                  reason="no oneDNN bfloat16 linear packing on this CPU")
+
+
+@bf16_packing
+def test_packed_bf16_linear_is_f_linear_under_bf16_autocast():
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 80, bias=False).to(torch.bfloat16)
+    packed = PackedLinear(linear)
+    for x in (torch.randn(5, 48), torch.randn(3, 7, 48).bfloat16()):  # cast in, bf16 out
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = linear(x)
+        got = packed(x)
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    plain = packed.unpacked()
+    assert plain.weight.dtype == torch.bfloat16 and torch.equal(plain.weight, linear.weight)
+
+
+@bf16_packing
+@pytest.mark.parametrize("attention", ["diff", "standard"])
+def test_packed_bf16_model_computes_the_bf16_logits(attention):
+    model = random_model(attention)
+    bf16 = to_bf16(model)
+    packed = pack_linears(bf16)
+    assert sum(isinstance(m, PackedLinear) and m.dtype == torch.bfloat16
+               for m in packed.modules()) == 2 * 4 + 2 * 8 + 1
+    src, tgt = torch.randint(4, 300, (3, 9)), torch.randint(4, 300, (3, 6))
+    with torch.inference_mode(), precision_context("bf16", torch.device("cpu")):
+        got, want = packed(src, tgt), bf16(src, tgt)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
 def packed_layers(translator: Translator) -> int:
     return sum(isinstance(m, PackedLinear) for m in translator.model.modules())
 
 
-def test_translator_packs_float32_cpu_models_when_told_or_where_it_pays(model_dir, english):
+def test_translator_packs_cpu_models_when_told_or_where_it_pays(model_dir, english):
     packed = Translator.from_pretrained(model_dir, beam_size=2, pack=True)
     plain = Translator.from_pretrained(model_dir, beam_size=2, pack=False)
     int8 = Translator.from_pretrained(model_dir, beam_size=2, quantize="int8")
@@ -103,6 +136,12 @@ def test_translator_packs_float32_cpu_models_when_told_or_where_it_pays(model_di
     assert (packed_layers(default) > 0) == packing_pays()
     lines = english[:10] + [""]
     assert packed.translate(lines) == plain.translate(lines)
+    if packing_available(torch.bfloat16):  # bf16: packed where float32 is, or when told
+        bf16 = Translator.from_pretrained(model_dir, beam_size=2, quantize="bf16", pack=True)
+        assert packed_layers(bf16) > 0
+        default = Translator.from_pretrained(model_dir, beam_size=2, quantize="bf16")
+        assert (packed_layers(default) > 0) == packing_pays()
+        assert len(bf16.translate(lines)) == len(lines)
 
 
 def test_packing_pays_except_where_mkl_takes_its_avx512_path(monkeypatch):
@@ -125,5 +164,5 @@ def test_translate_cli_no_pack_gives_the_same_lines(model_dir, tmp_path, english
                      str(out), "--beam-size", "2", "--quiet", *flags]) == 0
         outputs.append(out.read_text(encoding="utf-8"))
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 6
-    assert main(["translate", "--model", str(model_dir), "--input", str(src), "--no-pack",
-                 "--int8"]) == 2  # one precision at a time
+    assert main(["translate", "--model", str(model_dir), "--input", str(src), "--pack",
+                 "--int8"]) == 2  # int8 layers are not packed: one clear error
