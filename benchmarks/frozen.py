@@ -34,7 +34,7 @@ from seq2seq_diff.translator import inference_model  # noqa: E402
 def variants(kind: str, precision: str, args) -> dict[str, torch.nn.Module]:
     """The precision's model compiled with its weights as graph inputs and frozen."""
     quantize = "bf16" if precision == "bf16" else "none"
-    model = inference_model(ours(kind, args), "cpu", quantize=quantize)
+    model = inference_model(ours(kind, args), "cpu", quantize=quantize, pack=False)
     built = {}
     for frozen in (False, True):
         compiled = compile_decoding(model)

@@ -74,7 +74,8 @@ def main() -> None:
           f"malloc {'tuned' if tuned else 'system'}; torch {torch.__version__}")
     print(f"{args.batch} sentences x {args.src_len} tokens, {args.out_len} output tokens; ms per "
           f"search, median of {args.repeats} (min); speed against 'copy each step'")
-    model = inference_model(ours(args.kind, args), "cpu", quantize=args.precision)
+    model = inference_model(ours(args.kind, args), "cpu", quantize=args.precision,
+                            pack=False if args.compiled else None)  # graphs take plain weights
     if args.compiled:  # one model: the two ways are graphs of their own (they differ in a global)
         model = compile_decoding(model)
     for beam in args.beams:
