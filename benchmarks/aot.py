@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from layout import race_variants, variant_parser  # noqa: E402
 from peers import decode_fn, ours  # noqa: E402
 
-from seq2seq_diff.exported import aot_decoding, through_onednn  # noqa: E402
+from seq2seq_diff.exported import aot_decoding  # noqa: E402
 from seq2seq_diff.translator import inference_model  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def variants(kind: str, precision: str, args, cache_dir: Path) -> dict[str, torc
              "compiled": inference_model(model, "cpu", quantize, compile=True)}
     aot = aot_decoding(plain, quantize, cache_dir)
     building = [("compiled", built["compiled"]), ("aot, building", aot)]
-    if through_onednn(aot):  # the graphs' products through oneDNN: against MKL's too
+    if aot.onednn:  # the graphs' products through oneDNN (use_onednn): against MKL's too
         built["aot, mkl"] = aot_decoding(plain, quantize, cache_dir, onednn=False)
         building.append(("aot, mkl, building", built["aot, mkl"]))
     for name, variant in building:

@@ -57,7 +57,7 @@ from seq2seq_diff import __version__
 from seq2seq_diff.attention import FIRST_CAPACITY
 from seq2seq_diff.compiled import FROZEN, check_plain, first_line
 from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
-from seq2seq_diff.onednn import OneDNNLinear, pays, use_onednn
+from seq2seq_diff.onednn import pays, use_onednn
 from seq2seq_diff.quantize import precision_context
 from seq2seq_diff.selection import beam_candidates, best_extensions
 
@@ -87,7 +87,7 @@ def model_key(model: Seq2SeqTransformer, precision: str) -> str:
     here = Path(__file__).parent
     for name in _CODE_FILES:
         digest.update((here / name).read_bytes())
-    digest.update(json.dumps([__version__, torch.__version__, precision, through_onednn(model),
+    digest.update(json.dumps([__version__, torch.__version__, precision, model.onednn,
                               torch.backends.cpu.get_cpu_capability(),
                               model.config.to_dict()], default=str).encode())
     for name, tensor in model.state_dict().items():
@@ -421,11 +421,6 @@ def _empty_buffers(selfs, cross, capacity: int) -> None:
         c._k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
         c._v = v.new_empty(v.shape[0], v.shape[1], capacity, v.shape[3])
         c._length = 0
-
-
-def through_onednn(model: nn.Module) -> bool:
-    """Whether ``model``'s linear layers compute through oneDNN (``onednn.use_onednn``)."""
-    return any(isinstance(module, OneDNNLinear) for module in model.modules())
 
 
 def aot_decoding(model: Seq2SeqTransformer, precision: str = "none",
