@@ -2,9 +2,10 @@
 
 The same model (random weights, ``peers.py``'s dimensions and batch) decoded as ``translate``
 runs it eagerly (weights oneDNN-packed where that pays), with compiled steps and with AOTInductor
-graphs (``seq2seq_diff.exported``; where their float32 products go through oneDNN, also with
-MKL's: "aot, mkl"), interleaved in one process (medians and minima, as ``layout.py``); prints
-whether they give the same tokens, and what each costs before its first search: compiling
+graphs (``seq2seq_diff.exported``; where their weights are frozen into them, packed for
+oneDNN, also unfrozen: "aot, unfrozen"), interleaved in one process (medians and minima, as
+``layout.py``); prints whether they give the same tokens, and what each costs before its first
+search: compiling
 (torch.compile, in every process), building the graphs (AOT, once per model) and loading them
 (AOT, every later process).
 The AOT graphs are kept in a temporary directory unless ``--cache-dir`` names one.
@@ -51,9 +52,9 @@ def variants(kind: str, precision: str, args, cache_dir: Path) -> dict[str, torc
              "compiled": inference_model(model, "cpu", quantize, compile=True)}
     aot = aot_decoding(plain, quantize, cache_dir)
     building = [("compiled", built["compiled"]), ("aot, building", aot)]
-    if aot.onednn:  # the graphs' products through oneDNN (use_onednn): against MKL's too
-        built["aot, mkl"] = aot_decoding(plain, quantize, cache_dir, onednn=False)
-        building.append(("aot, mkl, building", built["aot, mkl"]))
+    if aot.decode.__self__.frozen:  # weights frozen into the graphs (oneDNN-packed): and not
+        built["aot, unfrozen"] = aot_decoding(plain, quantize, cache_dir, frozen=False)
+        building.append(("aot, unfrozen, building", built["aot, unfrozen"]))
     for name, variant in building:
         spent = [first_search(variant, args, beam, precision) for beam in args.beams]
         print(f"    {kind} {precision}, {name}: first searches "

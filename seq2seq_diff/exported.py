@@ -28,13 +28,16 @@ it, and a call runs C++ with no guards. Like converting a model for CTranslate2,
 Each graph serves every number of rows and sources and every source length from 2 tokens up
 to a cap (``source_cap``: 100 for the encoder, where attention changes kernel with the length);
 the rest runs eagerly: sources of one token or longer than the cap, calls under autograd.
-float32 (its linear layers through oneDNN's op on the plain weights, ``onednn.use_onednn``, on
-CPUs other than Intel's: inductor's graphs call MKL otherwise, which runs AVX2 code there),
-bf16 (``--bf16``, autocast traced into the graph; its weights frozen into the graph
-and inductor's own AMX GEMM kernels timed against oneDNN's, as ``compiled`` does for greedy
-steps) and int8 (``--int8``: ``quantize.int8_rows``, each product's activations quantised per
-row inside the graph, products by ``torch._int_mm``) on the CPU. If building fails (no C++
-compiler, an unsupported op), decoding warns once and goes on eagerly: the same results.
+float32, bf16 (``--bf16``, autocast traced into the graph) and int8 (``--int8``:
+``quantize.int8_rows``, each product's activations quantised per row inside the graph, products by
+``torch._int_mm``) on the CPU. bf16 graphs, and float32 ones on CPUs other than Intel's, hold
+their weights frozen as constants (inductor's ``freezing``, which works only where autograd is
+off: the graphs are compiled under ``no_grad``): inductor reorders each weight once into
+oneDNN's blocked layout, as ``translate`` packs them for eager decoding (``seq2seq_diff.packed``),
+and bf16 graphs also time inductor's own GEMM kernels (AMX) against oneDNN's, as ``compiled``
+does for greedy steps. On Intel CPUs float32 graphs call MKL's sgemm on the weights as given,
+which takes its AVX-512 path there. If building fails (no C++ compiler, an unsupported op),
+decoding warns once and goes on eagerly: the same results.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from seq2seq_diff import __version__
 from seq2seq_diff.attention import FIRST_CAPACITY
 from seq2seq_diff.compiled import FROZEN, check_plain, first_line
 from seq2seq_diff.model import DecoderCache, Seq2SeqTransformer
-from seq2seq_diff.onednn import pays, use_onednn
+from seq2seq_diff.onednn import pays
 from seq2seq_diff.quantize import precision_context
 from seq2seq_diff.selection import beam_candidates, best_extensions
 
@@ -70,7 +73,7 @@ MAX_ROWS, MAX_SOURCE, MAX_POSITIONS = 1 << 16, 1 << 13, 1 << 13
 
 # Modules whose code the graphs are made of: a change to any of them makes new packages.
 _CODE_FILES = ("model.py", "attention.py", "layers.py", "norm_dropout.py", "selection.py",
-               "quantize.py", "onednn.py", "exported.py")
+               "quantize.py", "exported.py")
 
 
 def default_cache_dir() -> Path:
@@ -81,13 +84,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "seq2seq_diff" / "aot"
 
 
-def model_key(model: Seq2SeqTransformer, precision: str) -> str:
+def model_key(model: Seq2SeqTransformer, precision: str, frozen: bool = False) -> str:
     """A digest of everything a package's code depends on (module docstring)."""
     digest = hashlib.sha256()
     here = Path(__file__).parent
     for name in _CODE_FILES:
         digest.update((here / name).read_bytes())
-    digest.update(json.dumps([__version__, torch.__version__, precision, model.onednn,
+    digest.update(json.dumps([__version__, torch.__version__, precision, frozen,
                               torch.backends.cpu.get_cpu_capability(),
                               model.config.to_dict()], default=str).encode())
     for name, tensor in model.state_dict().items():
@@ -170,6 +173,10 @@ class _BeamStep(nn.Module):
                               beam_candidates(self.group, self.model.config), self.model.config)
         return [*top, cache.self_attn[0]._pending]
 
+
+# Float32 graphs frozen: inductor packs each weight for oneDNN. Timing its own GEMM kernels
+# against oneDNN's as well (max_autotune, as bf16 does) was no faster (BENCHMARKS.md).
+_FROZEN_FLOAT32 = {"freezing": True}
 
 # Sizes of the dummy batch each graph is traced on. Inductor times its GEMM kernels for these
 # sizes (bf16), so they are a batch's typical ones, not tiny; all distinct, or export would
@@ -257,17 +264,19 @@ def _dynamic_shapes(kind: str, model: Seq2SeqTransformer, group: int = 1):
 
 
 def build_package(model: Seq2SeqTransformer, kind: str, precision: str, path: Path,
-                  group: int = 1) -> None:
+                  group: int = 1, frozen: bool = False) -> None:
     """Export graph ``kind`` ("start", "step" or "beam") of ``model`` and compile it into the
-    AOTInductor package ``path`` (written whole, then moved into place)."""
+    AOTInductor package ``path`` (written whole, then moved into place); ``frozen``: its
+    weights frozen into the graph as constants (``aot_decoding``)."""
     # Built from a clean state: a search calls this from under inference mode and autocast.
     with torch.inference_mode(False), torch.autocast(model.embed.weight.device.type,
                                                      enabled=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
-        _build(model, kind, precision, path, group)
+        _build(model, kind, precision, path, group, frozen)
 
 
-def _build(model: Seq2SeqTransformer, kind: str, precision: str, path: Path, group: int) -> None:
+def _build(model: Seq2SeqTransformer, kind: str, precision: str, path: Path, group: int,
+           frozen: bool) -> None:
     start_inputs, step_inputs = _examples(model, precision, group)
     if kind == "start":
         module, inputs = _Start(model), start_inputs
@@ -281,12 +290,15 @@ def _build(model: Seq2SeqTransformer, kind: str, precision: str, path: Path, gro
         program = torch.export.export(module.eval(), inputs, dynamic_shapes=shapes)
         # Autocast is applied while the graph is lowered to ATen ops, so lower it under it.
         program = program.run_decompositions()
-    frozen = precision == "bf16" and device.type == "cpu"
+    configs = {}  # (a copy: inductor adds its own options to the dict it is given)
+    if frozen:
+        configs = dict(FROZEN if precision == "bf16" else _FROZEN_FLOAT32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+    # (inductor freezes a graph's weights only where autograd is off)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch, torch.no_grad():
         part = Path(scratch) / path.name
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(part), inductor_configs=FROZEN if frozen else {})
+        torch._inductor.aoti_compile_and_package(program, package_path=str(part),
+                                                 inductor_configs=configs)
         os.replace(part, path)
 
 
@@ -298,12 +310,13 @@ class ExportedDecoding:
     """The graphs of one model, built or loaded on first use, and the calls that route each
     search step to one (module docstring)."""
 
-    def __init__(self, model: Seq2SeqTransformer, precision: str, cache_dir: Path):
-        self.model, self.precision = model, precision
+    def __init__(self, model: Seq2SeqTransformer, precision: str, cache_dir: Path,
+                 frozen: bool = False):
+        self.model, self.precision, self.frozen = model, precision, frozen
         self.eager_start = types.MethodType(Seq2SeqTransformer.start_cache, model)
         self.eager_decode = types.MethodType(Seq2SeqTransformer.decode, model)
         self.eager_extensions = types.MethodType(Seq2SeqTransformer.best_extensions, model)
-        self.directory = cache_dir / model_key(model, precision)
+        self.directory = cache_dir / model_key(model, precision, frozen)
         self.runners: dict[str, object] = {}
         self.failed: str | None = None  # why building failed; then everything runs eagerly
         self.positions = torch.empty(MAX_POSITIONS, device=model.embed.weight.device)
@@ -326,7 +339,7 @@ class ExportedDecoding:
                 began = time.perf_counter()
                 logger.info("compiling the %s graph ahead of time (once per model) into %s",
                             name, path)
-                build_package(self.model, kind, self.precision, path, group)
+                build_package(self.model, kind, self.precision, path, group, self.frozen)
                 logger.info("compiled the %s graph in %.0f s", name, time.perf_counter() - began)
             with warnings.catch_warnings():  # torch's own pytree, deprecated inside torch
                 warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
@@ -425,31 +438,25 @@ def _empty_buffers(selfs, cross, capacity: int) -> None:
 
 def aot_decoding(model: Seq2SeqTransformer, precision: str = "none",
                  cache_dir: str | Path | None = None,
-                 onednn: bool | None = None) -> Seq2SeqTransformer:
+                 frozen: bool | None = None) -> Seq2SeqTransformer:
     """An inference copy of ``model`` (float32 or bf16 weights, or ``quantize.Int8Linear``
     layers; CPU) whose searches run ahead-of-time compiled graphs, built on first use into
     ``cache_dir`` (default ``default_cache_dir()``) and reused by every later process (module
     docstring). ``precision``: "none", "bf16" or "int8", as the model was prepared
-    (``apply_quantization``; ``int8_rows`` for "int8"). ``onednn``: float32 products through
-    oneDNN's linear op on the plain weights (``seq2seq_diff.onednn``), in the graphs and in the
-    steps that run eagerly; None: where ``onednn.pays()`` (CPUs other than Intel's, where MKL,
-    which inductor's graphs call otherwise, runs AVX2 code)."""
+    (``apply_quantization``; ``int8_rows`` for "int8"). ``frozen``: the weights frozen into the
+    graphs as constants, which inductor's freezing reorders once into oneDNN's blocked layout
+    (``packed``'s, inside the graph); None: bf16 graphs, and float32 ones on CPUs where oneDNN
+    beats MKL (``onednn.pays()``: not Intel's, whose MKL takes its AVX-512 path and which then
+    run MKL's products on the weights as given)."""
     check_plain(model, "aot_decoding")
     model = model.inference_copy()
     if model.embed.weight.device.type != "cpu":
         raise ValueError("ahead-of-time compiled decoding runs on the CPU")
-    if onednn is None:
-        onednn = precision == "none" and pays()
-    if onednn:
-        if precision != "none" or model.embed.weight.dtype != torch.float32:
-            raise ValueError("oneDNN products in the graphs are for float32 weights")
-        with torch.no_grad():  # oneDNN and inductor take row-major weights (not input-major)
-            for module in model.modules():
-                if isinstance(module, nn.Linear) and not module.weight.is_contiguous():
-                    module.weight = nn.Parameter(module.weight.contiguous(), requires_grad=False)
-        use_onednn(model)
+    if frozen is None:
+        frozen = precision == "bf16" or (precision == "none" and pays())
     graphs = ExportedDecoding(model, precision,
-                              Path(cache_dir) if cache_dir is not None else default_cache_dir())
+                              Path(cache_dir) if cache_dir is not None else default_cache_dir(),
+                              frozen)
     model.start_cache = graphs.start_cache
     model.decode = graphs.decode
     model.best_extensions = graphs.best_extensions

@@ -13,13 +13,13 @@ compute through oneDNN's linear op on the plain weight: under ``torch.compile`` 
 custom op ``seq2seq_diff::onednn_linear`` (``x @ weight.T``, autograd included, opaque to the
 compiler, which calls it from the compiled graph), eagerly through an ``autograd.Function``
 with the same gradients (no custom-op dispatch), and without autograd through oneDNN's op
-itself, the bias fused (what ``torch.export`` traces). The same function in float32, up to the
-GEMM's summation order; the weights and the state dict are untouched. Anything but a float32
-CPU product outside autocast (bf16, a GPU) falls back to ``F.linear``. ``TranslationModule``
+itself, the bias fused. The same function in float32, up to the GEMM's summation order; the
+weights and the state dict are untouched. Anything but a float32 CPU product outside autocast
+(bf16, a GPU) falls back to ``F.linear``. ``TranslationModule``
 (``model.cpu_gemm``) turns it on for float32 training on CPUs where ``faster_than_mkl``;
 inference copies are plain again (``Seq2SeqTransformer``'s ``inference_copy``). ``translate``
 packs weights for eager decoding instead (``seq2seq_diff.packed``), and ``translate --aot``
-switches its float32 graphs' layers to this route (``seq2seq_diff.exported``).
+freezes them into its graphs, which inductor packs the same way (``seq2seq_diff.exported``).
 """
 
 from __future__ import annotations
@@ -96,7 +96,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu")):
         if not torch.is_grad_enabled():  # no autograd: oneDNN's op itself, the bias fused
-            # (what torch.export traces and AOTInductor compiles: seq2seq_diff.exported)
             return _product(x, weight, bias)
         if torch.compiler.is_compiling():
             out = onednn_linear(x, weight)

@@ -7,15 +7,19 @@ share one model's graphs (start, step, beam 3), kept in a directory for the modu
 from __future__ import annotations
 
 import logging
+import re
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import cli_translations, random_batch, random_model
 
-from seq2seq_diff import exported, onednn
+from seq2seq_diff import exported
+from seq2seq_diff.compiled import FROZEN
 from seq2seq_diff.errors import ConfigError
 from seq2seq_diff.exported import ExportedDecoding, aot_decoding, model_key
-from seq2seq_diff.quantize import Int8Linear, int8_rows, quantize_int8
+from seq2seq_diff.quantize import Int8Linear, apply_quantization, int8_rows, quantize_int8
 from seq2seq_diff.search import beam_search, greedy_search
 from seq2seq_diff.translator import Translator
 
@@ -56,18 +60,22 @@ class Counting:
         return None if run is None else counted
 
 
-def onednn_layers(model) -> bool:
-    return any(isinstance(m, onednn.OneDNNLinear) for m in model.modules())
+def graph_calls(package: Path) -> set[str]:
+    """The ATen and oneDNN functions a package's C++ wrapper calls."""
+    with zipfile.ZipFile(package) as archive:
+        code = "".join(archive.read(name).decode() for name in archive.namelist()
+                       if name.endswith("wrapper.cpp"))
+    return set(re.findall(r"aoti_torch_cpu_(\w+?)\(", code))
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """(eager float32 random DIFF model, its AOT copy, the graphs' directory): products through
-    oneDNN in the graphs where this torch has it (the default on CPUs other than Intel's)."""
+    """(eager float32 random DIFF model, its AOT copy, the graphs' directory): weights frozen
+    into the graphs (the default on CPUs other than Intel's)."""
     eager = random_model("diff", vocab=200).float()  # beam 3 graph: the choice by blocks
     directory = tmp_path_factory.mktemp("aot")
-    aot = aot_decoding(eager, cache_dir=directory, onednn=onednn.available())
-    assert onednn_layers(aot) == onednn.available() == aot.onednn
+    aot = aot_decoding(eager, cache_dir=directory, frozen=True)
+    assert aot.decode.__self__.frozen
     return eager, aot, directory
 
 
@@ -91,6 +99,30 @@ def test_aot_searches_equal_eager(models):
     graphs = assert_searches_equal(aot, eager, BATCHES)
     assert sorted(p.name for p in graphs.directory.iterdir()) == [
         "beam3.pt2", "start.pt2", "step.pt2"]
+    if torch.backends.mkldnn.is_available():  # frozen weights, packed: oneDNN's products
+        for package in graphs.directory.iterdir():
+            calls = graph_calls(package)
+            assert "_linear_pointwise" in calls and not calls & {"mm_out", "addmm_out"}
+
+
+@pytest.mark.parametrize(("precision", "configs"), [("bf16", FROZEN), ("none", {"freezing": True})])
+def test_frozen_graphs_are_compiled_without_autograd(tmp_path, monkeypatch, precision, configs):
+    """Inductor freezes a graph's weights only where autograd is off (it silently compiled the
+    bf16 graphs unfrozen before); unfrozen graphs take inductor's defaults."""
+    model = random_model("standard", vocab=200).float().inference_copy()
+    if precision == "bf16":
+        model = apply_quantization(model, "bf16")
+    compiled = []
+
+    def compile_package(program, package_path, inductor_configs):
+        compiled.append((torch.is_grad_enabled(), inductor_configs))
+        Path(package_path).touch()
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_package)
+    for frozen in (True, False):
+        exported.build_package(model, "step", precision, tmp_path / f"{frozen}.pt2",
+                               frozen=frozen)
+    assert compiled == [(False, configs), (False, {})]
 
 
 def test_int8_aot_searches_equal_eager_int8(tmp_path):
@@ -104,11 +136,11 @@ def test_int8_aot_searches_equal_eager_int8(tmp_path):
 
 @pytest.fixture(scope="module")
 def standard(tmp_path_factory):
-    """(eager float32 random standard-attention model, its AOT copy): torch's own products
-    (MKL's; the default on Intel CPUs)."""
+    """(eager float32 random standard-attention model, its AOT copy): weights as graph inputs,
+    torch's own products (MKL's; the default on Intel CPUs)."""
     eager = random_model("standard", seed=2).float()
-    aot = aot_decoding(eager, cache_dir=tmp_path_factory.mktemp("aot-standard"), onednn=False)
-    assert not onednn_layers(aot) and not aot.onednn
+    aot = aot_decoding(eager, cache_dir=tmp_path_factory.mktemp("aot-standard"), frozen=False)
+    assert not aot.decode.__self__.frozen
     return eager, aot
 
 
@@ -140,15 +172,14 @@ def test_packages_are_reused_by_a_later_run_and_keyed_by_the_weights(models, mon
         raise AssertionError("built again")
 
     monkeypatch.setattr(exported, "build_package", no_build)
-    again = aot_decoding(eager, cache_dir=directory)  # as a new process would
+    again = aot_decoding(eager, cache_dir=directory, frozen=True)  # as a new process would
     with torch.inference_mode():
         assert searches(again, src)[:2] == want[:2]
     assert again.decode.__self__.failed is None
     other = random_model("diff", seed=1).float().inference_copy()
     assert model_key(other, "none") != model_key(aot, "none")
     assert model_key(aot, "bf16") != model_key(aot, "none")
-    plain = eager.inference_copy()  # the same weights, products through oneDNN or not
-    assert model_key(plain, "none") != model_key(onednn.use_onednn(eager.inference_copy()), "none")
+    assert model_key(aot, "none", frozen=True) != model_key(aot, "none")
 
 
 def test_failed_build_warns_once_and_decodes_eagerly(tmp_path, monkeypatch, caplog):
