@@ -162,6 +162,26 @@ def test_step_logits_match_eager_from_an_empty_cache_on(models, standard, kind, 
     assert set(aot.decode.__self__.runners) >= {"start", "step"}
 
 
+def test_bf16_graphs_hold_packed_weights_and_match_eager_bf16(tmp_path):
+    """``--bf16 --aot``: the weights frozen into the graphs (each product then oneDNN's or
+    inductor's own kernel on a weight it packed, never ATen's on the plain weight), every
+    step's logits those of eager bf16 decoding to bf16's precision."""
+    eager = apply_quantization(random_model("standard", seed=4).float(), "bf16")
+    aot = aot_decoding(eager, "bf16", cache_dir=tmp_path)
+    src = random_batch(batch=5, seed=8)
+    mask = src != 0
+    tokens = torch.randint(4, 40, (5, 4), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        caches = [model.start_cache(src, mask) for model in (aot, eager)]
+        for t in range(tokens.shape[1]):
+            got, want = (model.decode(tokens[:, t:t + 1], None, mask, cache).float()
+                         for model, cache in zip((aot, eager), caches, strict=True))
+            torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)
+    graphs = aot.decode.__self__
+    assert graphs.frozen and graphs.failed is None and set(graphs.runners) == {"start", "step"}
+    assert not graph_calls(graphs.directory / "step.pt2") & {"mm_out", "addmm_out"}
+
+
 def test_packages_are_reused_by_a_later_run_and_keyed_by_the_weights(models, monkeypatch):
     eager, aot, directory = models
     src = random_batch(batch=4, seed=5)
