@@ -5,9 +5,8 @@ runs it eagerly (weights oneDNN-packed where that pays), with compiled steps and
 graphs (``seq2seq_diff.exported``; where their weights are frozen into them, packed for
 oneDNN, also unfrozen: "aot, unfrozen"), interleaved in one process (medians and minima, as
 ``layout.py``); prints whether they give the same tokens, and what each costs before its first
-search: compiling
-(torch.compile, in every process), building the graphs (AOT, once per model) and loading them
-(AOT, every later process).
+search: compiling (torch.compile, in every process), building the graphs (AOT, once per model)
+and loading them (AOT, every later process).
 The AOT graphs are kept in a temporary directory unless ``--cache-dir`` names one.
 
     python benchmarks/aot.py                                      # d_model 256, bf16, greedy
@@ -52,7 +51,7 @@ def variants(kind: str, precision: str, args, cache_dir: Path) -> dict[str, torc
              "compiled": inference_model(model, "cpu", quantize, compile=True)}
     aot = aot_decoding(plain, quantize, cache_dir)
     building = [("compiled", built["compiled"]), ("aot, building", aot)]
-    if aot.decode.__self__.frozen:  # weights frozen into the graphs (oneDNN-packed): and not
+    if aot.decode.__self__.frozen:  # frozen graphs (weights packed): against unfrozen ones
         built["aot, unfrozen"] = aot_decoding(plain, quantize, cache_dir, frozen=False)
         building.append(("aot, unfrozen, building", built["aot, unfrozen"]))
     for name, variant in building:
