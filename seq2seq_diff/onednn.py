@@ -15,11 +15,11 @@ compiler, which calls it from the compiled graph), eagerly through an ``autograd
 with the same gradients (no custom-op dispatch), and without autograd through oneDNN's op
 itself, the bias fused. The same function in float32, up to the GEMM's summation order; the
 weights and the state dict are untouched. Anything but a float32 CPU product outside autocast
-(bf16, a GPU) falls back to ``F.linear``. ``TranslationModule``
-(``model.cpu_gemm``) turns it on for float32 training on CPUs where ``faster_than_mkl``;
-inference copies are plain again (``Seq2SeqTransformer``'s ``inference_copy``). ``translate``
-packs weights for eager decoding instead (``seq2seq_diff.packed``), and ``translate --aot``
-freezes them into its graphs, which inductor packs the same way (``seq2seq_diff.exported``).
+(bf16, a GPU) falls back to ``F.linear``. ``TranslationModule`` (``model.cpu_gemm``) turns it
+on for float32 training on CPUs where ``faster_than_mkl``; inference copies are plain again
+(``Seq2SeqTransformer``'s ``inference_copy``). ``translate`` packs weights for eager decoding
+instead (``seq2seq_diff.packed``), and ``translate --aot`` freezes them into its graphs, which
+inductor packs the same way (``seq2seq_diff.exported``).
 """
 
 from __future__ import annotations
